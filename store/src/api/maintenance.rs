@@ -1,0 +1,123 @@
+//! The Maintenance service: member status, alarms, defragmentation.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::pb::etcdserverpb::maintenance_server::Maintenance;
+use crate::pb::etcdserverpb::{
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest,
+    DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
+    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+};
+use crate::server::EtcdServer;
+
+/// The Maintenance service of one member.
+pub struct MaintenanceService {
+    server: Arc<EtcdServer>,
+}
+
+impl MaintenanceService {
+    /// A Maintenance service over `server`.
+    pub fn new(server: Arc<EtcdServer>) -> MaintenanceService {
+        MaintenanceService { server }
+    }
+}
+
+fn not_yet(method: &str) -> Status {
+    Status::unimplemented(format!(
+        "kvstore: {method} is not supported by this version"
+    ))
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(
+        &self,
+        request: Request<AlarmRequest>,
+    ) -> Result<Response<AlarmResponse>, Status> {
+        let request = request.into_inner();
+        if request.action != crate::pb::etcdserverpb::alarm_request::AlarmAction::Get as i32 {
+            return Err(not_yet("activating or deactivating alarms"));
+        }
+        // No alarm is ever raised by this version: the quota alarm comes with clustering.
+        Ok(Response::new(AlarmResponse {
+            header: self.server.header(0),
+            alarms: Vec::new(),
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let (leader, raft_index, raft_term, applied_index, is_learner) = self.server.raft_status();
+        let storage = self.server.storage();
+        Ok(Response::new(StatusResponse {
+            header: self.server.header(0),
+            version: crate::ETCD_API_VERSION.to_string(),
+            db_size: storage.size_bytes() as i64,
+            leader,
+            raft_index,
+            raft_term,
+            raft_applied_index: applied_index,
+            errors: Vec::new(),
+            db_size_in_use: storage.size_in_use_bytes() as i64,
+            is_learner,
+            storage_version: String::new(),
+            db_size_quota: self.server.limits().quota_backend_bytes,
+            downgrade_info: None,
+        }))
+    }
+
+    #[tracing::instrument(level = "info", skip_all)]
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        let storage = self.server.storage().clone();
+        tokio::task::spawn_blocking(move || storage.defragment())
+            .await
+            .map_err(|e| Status::internal(format!("defragment failed: {e}")))?;
+        Ok(Response::new(DefragmentResponse {
+            header: self.server.header(0),
+        }))
+    }
+
+    async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(not_yet("Hash"))
+    }
+
+    async fn hash_kv(
+        &self,
+        _request: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        Err(not_yet("HashKV"))
+    }
+
+    type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(not_yet("Snapshot"))
+    }
+
+    async fn move_leader(
+        &self,
+        _request: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(not_yet("MoveLeader"))
+    }
+
+    async fn downgrade(
+        &self,
+        _request: Request<DowngradeRequest>,
+    ) -> Result<Response<DowngradeResponse>, Status> {
+        Err(not_yet("Downgrade"))
+    }
+}

@@ -1,0 +1,34 @@
+//! The gRPC services of etcd's v3 API. Handlers validate requests, call the server
+//! and fill response headers; they never change state themselves.
+
+pub mod cluster;
+pub mod kv;
+pub mod maintenance;
+
+use std::sync::Arc;
+
+use crate::pb::etcdserverpb::cluster_server::ClusterServer;
+use crate::pb::etcdserverpb::kv_server::KvServer;
+use crate::pb::etcdserverpb::maintenance_server::MaintenanceServer;
+use crate::server::EtcdServer;
+
+/// gRPC's own framing on top of `--max-request-bytes`, as etcd allows.
+const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// All client services of a member, ready to serve.
+pub fn routes(server: Arc<EtcdServer>) -> tonic::service::Routes {
+    let max_message = server.limits().max_request_bytes + GRPC_OVERHEAD_BYTES;
+    tonic::service::Routes::new(
+        KvServer::new(kv::KvService::new(server.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        ClusterServer::new(cluster::ClusterService::new(server.clone()))
+            .max_decoding_message_size(max_message),
+    )
+    .add_service(
+        MaintenanceServer::new(maintenance::MaintenanceService::new(server))
+            .max_decoding_message_size(max_message),
+    )
+}

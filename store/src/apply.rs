@@ -1,0 +1,332 @@
+//! Apply: the only code that changes the key-value state. Deterministic: the same
+//! request on the same state gives the same result on every member. Requests were
+//! validated by the api layer; what depends on the state (revisions, existing keys)
+//! is checked here.
+
+use crate::error::EtcdError;
+use crate::mvcc::{self, KeyRange, ReadView, Writer};
+use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use crate::pb::etcdserverpb::request_op::Request as Op;
+use crate::pb::etcdserverpb::response_op::Response as OpResponse;
+use crate::pb::etcdserverpb::{
+    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use crate::pb::kvstorepb::internal_raft_request::Request;
+use crate::pb::kvstorepb::internal_raft_response::Response;
+use crate::pb::kvstorepb::{InternalRaftRequest, InternalRaftResponse};
+use crate::pb::mvccpb::KeyValue;
+
+/// Applies one proposal. Client errors become an error response; only storage
+/// failures are returned as `Err`.
+#[tracing::instrument(level = "trace", skip_all)]
+pub fn apply(
+    writer: &mut Writer<'_>,
+    request: &InternalRaftRequest,
+) -> Result<InternalRaftResponse, mvcc::Error> {
+    let result = match &request.request {
+        Some(Request::Put(put_request)) => put(writer, put_request).map(Response::Put),
+        Some(Request::DeleteRange(delete)) => {
+            delete_range(writer, delete).map(Response::DeleteRange)
+        }
+        Some(Request::Txn(txn_request)) => txn(writer, txn_request).map(Response::Txn),
+        Some(Request::Compaction(compaction)) => {
+            compact(writer, compaction).map(Response::Compaction)
+        }
+        None => Ok(Response::Error(EtcdError::NotCapable.number())),
+    };
+    let response = match result {
+        Ok(response) => response,
+        Err(mvcc::Error::Etcd(error)) => Response::Error(error.number()),
+        Err(other) => return Err(other),
+    };
+    Ok(InternalRaftResponse {
+        response: Some(response),
+    })
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+fn put(writer: &mut Writer<'_>, request: &PutRequest) -> Result<PutResponse, mvcc::Error> {
+    let response = put_in_txn(writer, request)?;
+    writer.end_revision();
+    Ok(response)
+}
+
+fn put_in_txn(writer: &mut Writer<'_>, request: &PutRequest) -> Result<PutResponse, mvcc::Error> {
+    let previous = writer.get(&request.key)?;
+    if (request.ignore_value || request.ignore_lease) && previous.is_none() {
+        return Err(EtcdError::KeyNotFound.into());
+    }
+    let value = match (&previous, request.ignore_value) {
+        (Some(previous), true) => previous.value.clone(),
+        _ => request.value.clone(),
+    };
+    let lease = match (&previous, request.ignore_lease) {
+        (Some(previous), true) => previous.lease,
+        _ => request.lease,
+    };
+    let written = writer.put(&request.key, value, lease)?;
+    Ok(PutResponse {
+        header: header(written.mod_revision),
+        prev_kv: if request.prev_kv { previous } else { None },
+    })
+}
+
+fn delete_range(
+    writer: &mut Writer<'_>,
+    request: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, mvcc::Error> {
+    let response = delete_in_txn(writer, request)?;
+    writer.end_revision();
+    Ok(response)
+}
+
+fn delete_in_txn(
+    writer: &mut Writer<'_>,
+    request: &DeleteRangeRequest,
+) -> Result<DeleteRangeResponse, mvcc::Error> {
+    let deleted = writer.delete_range(&KeyRange::new(&request.key, &request.range_end))?;
+    Ok(DeleteRangeResponse {
+        header: header(writer.current_revision()),
+        deleted: deleted.len() as i64,
+        prev_kvs: if request.prev_kv { deleted } else { Vec::new() },
+    })
+}
+
+fn compact(
+    writer: &mut Writer<'_>,
+    request: &CompactionRequest,
+) -> Result<CompactionResponse, mvcc::Error> {
+    writer.compact(request.revision)?;
+    tracing::info!(revision = request.revision, "compacted history");
+    Ok(CompactionResponse {
+        header: header(writer.current_revision()),
+    })
+}
+
+/// Evaluates one compare against the state before the transaction's writes.
+pub fn compare(view: &impl ReadView, compare: &Compare) -> Result<bool, mvcc::Error> {
+    let at = view.current_revision();
+    let found = mvcc::find(
+        view,
+        &KeyRange::new(&compare.key, &compare.range_end),
+        at,
+        0,
+        false,
+    )?;
+    let target = CompareTarget::try_from(compare.target).unwrap_or(CompareTarget::Version);
+    if found.kvs.is_empty() {
+        // A missing key compares as all zeroes, except that no value equals it.
+        if target == CompareTarget::Value {
+            return Ok(false);
+        }
+        return Ok(compare_one(compare, target, &KeyValue::default()));
+    }
+    Ok(found.kvs.iter().all(|kv| compare_one(compare, target, kv)))
+}
+
+fn compare_one(compare: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+    let ordering = match (target, &compare.target_union) {
+        (CompareTarget::Value, Some(TargetUnion::Value(value))) => {
+            kv.value.as_slice().cmp(value.as_slice())
+        }
+        (CompareTarget::Value, _) => kv.value.as_slice().cmp(&[]),
+        (CompareTarget::Version, Some(TargetUnion::Version(version))) => kv.version.cmp(version),
+        (CompareTarget::Create, Some(TargetUnion::CreateRevision(revision))) => {
+            kv.create_revision.cmp(revision)
+        }
+        (CompareTarget::Mod, Some(TargetUnion::ModRevision(revision))) => {
+            kv.mod_revision.cmp(revision)
+        }
+        (CompareTarget::Lease, Some(TargetUnion::Lease(lease))) => kv.lease.cmp(lease),
+        (CompareTarget::Version, _) => kv.version.cmp(&0),
+        (CompareTarget::Create, _) => kv.create_revision.cmp(&0),
+        (CompareTarget::Mod, _) => kv.mod_revision.cmp(&0),
+        (CompareTarget::Lease, _) => kv.lease.cmp(&0),
+    };
+    match CompareResult::try_from(compare.result).unwrap_or(CompareResult::Equal) {
+        CompareResult::Equal => ordering.is_eq(),
+        CompareResult::NotEqual => ordering.is_ne(),
+        CompareResult::Greater => ordering.is_gt(),
+        CompareResult::Less => ordering.is_lt(),
+    }
+}
+
+/// The branch each (nested) transaction takes, decided before any write, as etcd does.
+fn branches(
+    view: &impl ReadView,
+    request: &TxnRequest,
+    path: &mut Vec<bool>,
+) -> Result<(), mvcc::Error> {
+    let mut succeeded = true;
+    for condition in &request.compare {
+        if !compare(view, condition)? {
+            succeeded = false;
+            break;
+        }
+    }
+    path.push(succeeded);
+    let ops = if succeeded {
+        &request.success
+    } else {
+        &request.failure
+    };
+    for op in ops {
+        if let Some(Op::RequestTxn(nested)) = &op.request {
+            branches(view, nested, path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks what depends on state before anything is written: put options that need an
+/// existing key, and revisions of reads.
+fn check_ops(
+    view: &impl ReadView,
+    request: &TxnRequest,
+    path: &[bool],
+    position: &mut usize,
+) -> Result<(), mvcc::Error> {
+    let ops = if path[*position] {
+        &request.success
+    } else {
+        &request.failure
+    };
+    *position += 1;
+    for op in ops {
+        match &op.request {
+            Some(Op::RequestRange(range)) => {
+                mvcc::read_revision(view, range.revision)?;
+            }
+            Some(Op::RequestPut(put)) if put.ignore_value || put.ignore_lease => {
+                let at = view.current_revision();
+                if mvcc::find(view, &KeyRange::new(&put.key, b""), at, 0, true)?.count == 0 {
+                    return Err(EtcdError::KeyNotFound.into());
+                }
+            }
+            Some(Op::RequestTxn(nested)) => check_ops(view, nested, path, position)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn run_ops(
+    writer: &mut Writer<'_>,
+    request: &TxnRequest,
+    path: &[bool],
+    position: &mut usize,
+) -> Result<TxnResponse, mvcc::Error> {
+    let succeeded = path[*position];
+    *position += 1;
+    let ops = if succeeded {
+        &request.success
+    } else {
+        &request.failure
+    };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let response = match &op.request {
+            Some(Op::RequestRange(range)) => {
+                let mut response: RangeResponse = mvcc::range(&*writer, range)?;
+                response.header = header(writer.current_revision());
+                OpResponse::ResponseRange(response)
+            }
+            Some(Op::RequestPut(put)) => OpResponse::ResponsePut(put_in_txn(writer, put)?),
+            Some(Op::RequestDeleteRange(delete)) => {
+                OpResponse::ResponseDeleteRange(delete_in_txn(writer, delete)?)
+            }
+            Some(Op::RequestTxn(nested)) => {
+                OpResponse::ResponseTxn(run_ops(writer, nested, path, position)?)
+            }
+            None => continue,
+        };
+        responses.push(ResponseOp {
+            response: Some(response),
+        });
+    }
+    Ok(TxnResponse {
+        header: header(writer.current_revision()),
+        succeeded,
+        responses,
+    })
+}
+
+/// Runs a transaction: compares first, then the chosen branch's operations, all in
+/// one store revision (or none, when nothing is written).
+pub fn txn(writer: &mut Writer<'_>, request: &TxnRequest) -> Result<TxnResponse, mvcc::Error> {
+    let mut path = Vec::new();
+    branches(&*writer, request, &mut path)?;
+    check_ops(&*writer, request, &path, &mut 0)?;
+    let mut response = run_ops(writer, request, &path, &mut 0)?;
+    let revision = writer.end_revision();
+    response.header = header(revision);
+    Ok(response)
+}
+
+/// Whether a transaction writes nothing, so it can be served as a read.
+pub fn is_read_only(request: &TxnRequest) -> bool {
+    request
+        .success
+        .iter()
+        .chain(&request.failure)
+        .all(|op| match &op.request {
+            Some(Op::RequestRange(_)) | None => true,
+            Some(Op::RequestTxn(nested)) => is_read_only(nested),
+            Some(_) => false,
+        })
+}
+
+/// Runs a read-only transaction on a read view.
+pub fn read_only_txn(
+    view: &impl ReadView,
+    request: &TxnRequest,
+) -> Result<TxnResponse, mvcc::Error> {
+    let mut path = Vec::new();
+    branches(view, request, &mut path)?;
+    check_ops(view, request, &path, &mut 0)?;
+    read_only_ops(view, request, &path, &mut 0)
+}
+
+fn read_only_ops(
+    view: &impl ReadView,
+    request: &TxnRequest,
+    path: &[bool],
+    position: &mut usize,
+) -> Result<TxnResponse, mvcc::Error> {
+    let succeeded = path[*position];
+    *position += 1;
+    let ops = if succeeded {
+        &request.success
+    } else {
+        &request.failure
+    };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let response = match &op.request {
+            Some(Op::RequestRange(range)) => {
+                let mut response = mvcc::range(view, range)?;
+                response.header = header(view.current_revision());
+                OpResponse::ResponseRange(response)
+            }
+            Some(Op::RequestTxn(nested)) => {
+                OpResponse::ResponseTxn(read_only_ops(view, nested, path, position)?)
+            }
+            _ => continue,
+        };
+        responses.push(ResponseOp {
+            response: Some(response),
+        });
+    }
+    Ok(TxnResponse {
+        header: header(view.current_revision()),
+        succeeded,
+        responses,
+    })
+}

@@ -1,0 +1,345 @@
+//! Command-line flags with etcd's names and defaults; every flag can also come from
+//! an `ETCD_*` environment variable, as with etcd.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// A URL a member listens on or advertises: http or https, host and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberUrl {
+    /// "http" or "https".
+    pub scheme: String,
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for MemberUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
+impl std::str::FromStr for MemberUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| format!("URL {text:?} must start with http:// or https://"))?;
+        if scheme != "http" && scheme != "https" {
+            return Err(format!(
+                "URL scheme {scheme:?} is not supported in {text:?} (use http or https)"
+            ));
+        }
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') {
+            return Err(format!("URL {text:?} must not contain a path"));
+        }
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("URL {text:?} must give a port (host:port)"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("URL {text:?} has no host"));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("URL {text:?} has an invalid port {port:?}"))?;
+        Ok(MemberUrl {
+            scheme: scheme.to_string(),
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// A comma-separated list of URLs, as etcd's URL flags take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlList(pub Vec<MemberUrl>);
+
+impl std::str::FromStr for UrlList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let urls = text
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<MemberUrl>, String>>()?;
+        if urls.is_empty() {
+            return Err("at least one URL is required".into());
+        }
+        Ok(UrlList(urls))
+    }
+}
+
+impl UrlList {
+    /// The URLs as strings.
+    pub fn strings(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+}
+
+/// `--initial-cluster-state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterState {
+    /// Bootstrap a new cluster.
+    New,
+    /// Join an existing cluster.
+    Existing,
+}
+
+/// `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Everything.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Problems only.
+    Warn,
+    /// Errors only.
+    Error,
+    /// Errors only (etcd's name).
+    Panic,
+    /// Errors only (etcd's name).
+    Fatal,
+}
+
+/// The kvstore server: an etcd-compatible key-value store.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kvstore", version = concat!(env!("CARGO_PKG_VERSION"), " (etcd API 3.5)"), about)]
+pub struct Config {
+    /// Human-readable name for this member.
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    pub name: String,
+
+    /// Path to the data directory [default: ${name}.kvstore].
+    #[arg(long, env = "ETCD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// List of URLs to listen on for client traffic.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub listen_client_urls: UrlList,
+
+    /// List of this member's client URLs to advertise to the rest of the cluster.
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        default_value = "http://localhost:2379"
+    )]
+    pub advertise_client_urls: UrlList,
+
+    /// List of URLs to listen on for peer traffic.
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub listen_peer_urls: UrlList,
+
+    /// List of this member's peer URLs to advertise to the rest of the cluster.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        default_value = "http://localhost:2380"
+    )]
+    pub initial_advertise_peer_urls: UrlList,
+
+    /// Initial cluster configuration for bootstrapping (name=peerURL,...).
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+
+    /// Initial cluster token, so that clusters with different tokens never merge.
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_TOKEN",
+        default_value = "etcd-cluster"
+    )]
+    pub initial_cluster_token: String,
+
+    /// Initial cluster state ('new' or 'existing').
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_CLUSTER_STATE",
+        value_enum,
+        default_value = "new"
+    )]
+    pub initial_cluster_state: ClusterState,
+
+    /// Maximum client request size in bytes the server will accept.
+    #[arg(long, env = "ETCD_MAX_REQUEST_BYTES", default_value_t = 1_572_864)]
+    pub max_request_bytes: u32,
+
+    /// Maximum number of operations permitted in a transaction.
+    #[arg(long, env = "ETCD_MAX_TXN_OPS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_txn_ops: u32,
+
+    /// Raise alarms when the backend size exceeds the given quota (0 defaults to 2 GiB).
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: i64,
+
+    /// Time (in milliseconds) of a heartbeat interval.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_interval: u64,
+
+    /// Time (in milliseconds) for an election to timeout.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub election_timeout: u64,
+
+    /// Number of committed transactions to trigger a snapshot to disk.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_count: u64,
+
+    /// Log level: debug, info, warn, error, panic or fatal.
+    #[arg(long, env = "ETCD_LOG_LEVEL", value_enum, default_value = "info")]
+    pub log_level: LogLevel,
+}
+
+/// The default quota etcd applies when `--quota-backend-bytes` is 0.
+pub const DEFAULT_QUOTA_BACKEND_BYTES: i64 = 2 * 1024 * 1024 * 1024;
+
+impl Config {
+    /// The data directory, defaulting to `${name}.kvstore` as etcd defaults to `${name}.etcd`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.kvstore", self.name)))
+    }
+
+    /// The backend quota in effect.
+    pub fn quota_backend_bytes(&self) -> i64 {
+        if self.quota_backend_bytes <= 0 {
+            DEFAULT_QUOTA_BACKEND_BYTES
+        } else {
+            self.quota_backend_bytes
+        }
+    }
+
+    /// Checks combinations clap cannot: the member must appear in `--initial-cluster`
+    /// with exactly its advertised peer URLs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(format!(
+                "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            ));
+        }
+        let cluster = self.initial_cluster_members()?;
+        let own: Vec<String> = cluster
+            .iter()
+            .filter(|(name, _)| name == &self.name)
+            .map(|(_, url)| url.to_string())
+            .collect();
+        if own.is_empty() {
+            return Err(format!(
+                "--initial-cluster has no member named {:?} (set --name or --initial-cluster)",
+                self.name
+            ));
+        }
+        let mut advertised = self.initial_advertise_peer_urls.strings();
+        let mut own = own;
+        advertised.sort();
+        own.sort();
+        if advertised != own {
+            return Err(format!(
+                "--initial-cluster has {}={} but --initial-advertise-peer-urls is {}",
+                self.name,
+                own.join(","),
+                advertised.join(",")
+            ));
+        }
+        if cluster.len() > 1 || self.initial_cluster_state == ClusterState::Existing {
+            return Err(
+                "multi-member clusters (--initial-cluster with several members, --initial-cluster-state existing) are not supported yet"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `--initial-cluster` as (name, peer URL) pairs; by default this member alone.
+    pub fn initial_cluster_members(&self) -> Result<Vec<(String, MemberUrl)>, String> {
+        let Some(text) = &self.initial_cluster else {
+            return Ok(self
+                .initial_advertise_peer_urls
+                .0
+                .iter()
+                .map(|url| (self.name.clone(), url.clone()))
+                .collect());
+        };
+        text.split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                let (name, url) = part.split_once('=').ok_or_else(|| {
+                    format!("--initial-cluster entry {part:?} must be name=peerURL")
+                })?;
+                let url = url
+                    .parse::<MemberUrl>()
+                    .map_err(|e| format!("--initial-cluster: {e}"))?;
+                Ok((name.to_string(), url))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_etcd() {
+        let config = Config::try_parse_from(["kvstore"]).unwrap();
+        assert_eq!(config.name, "default");
+        assert_eq!(config.data_dir(), PathBuf::from("default.kvstore"));
+        assert_eq!(
+            config.listen_client_urls.strings(),
+            vec!["http://localhost:2379"]
+        );
+        assert_eq!(
+            config.initial_advertise_peer_urls.strings(),
+            vec!["http://localhost:2380"]
+        );
+        assert_eq!(config.max_request_bytes, 1_572_864);
+        assert_eq!(config.max_txn_ops, 128);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem() {
+        let error = Config::try_parse_from(["kvstore", "--listen-client-urls", "localhost:2379"])
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("--listen-client-urls"),
+            "{error}"
+        );
+        let error =
+            Config::try_parse_from(["kvstore", "--listen-client-urls", "ftp://a:1"]).unwrap_err();
+        assert!(error.to_string().contains("scheme"), "{error}");
+        let error = Config::try_parse_from(["kvstore", "--listen-client-urls", "http://a:99999"])
+            .unwrap_err();
+        assert!(error.to_string().contains("port"), "{error}");
+    }
+
+    #[test]
+    fn initial_cluster_must_name_this_member() {
+        let config = Config::try_parse_from([
+            "kvstore",
+            "--name",
+            "x",
+            "--initial-cluster",
+            "y=http://localhost:2380",
+        ])
+        .unwrap();
+        assert!(config.validate().unwrap_err().contains("no member named"));
+    }
+}

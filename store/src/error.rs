@@ -1,0 +1,113 @@
+//! The one table of etcd errors: internal error kinds, their gRPC codes and etcd's
+//! exact messages. Clients parse these messages, so they must match etcd's byte for byte.
+//! Imports nothing from the other layers.
+
+use tonic::Code;
+
+macro_rules! etcd_errors {
+    ($($variant:ident = $num:expr, $code:ident, $message:expr;)*) => {
+        /// An error that etcd reports to clients with a fixed gRPC code and message.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+        #[repr(u32)]
+        pub enum EtcdError {
+            $(
+                #[error($message)]
+                $variant = $num,
+            )*
+        }
+
+        impl EtcdError {
+            /// The gRPC status code etcd uses for this error.
+            pub fn code(self) -> Code {
+                match self { $(EtcdError::$variant => Code::$code,)* }
+            }
+
+            /// The number that carries this error inside a Raft response.
+            pub fn number(self) -> u32 {
+                self as u32
+            }
+
+            /// The error for a number from [`EtcdError::number`].
+            pub fn from_number(number: u32) -> Option<EtcdError> {
+                match number { $($num => Some(EtcdError::$variant),)* _ => None }
+            }
+
+            /// Every error in the table.
+            pub const ALL: &'static [EtcdError] = &[$(EtcdError::$variant,)*];
+        }
+    };
+}
+
+etcd_errors! {
+    EmptyKey = 1, InvalidArgument, "etcdserver: key is not provided";
+    KeyNotFound = 2, InvalidArgument, "etcdserver: key not found";
+    ValueProvided = 3, InvalidArgument, "etcdserver: value is provided";
+    LeaseProvided = 4, InvalidArgument, "etcdserver: lease is provided";
+    TooManyOps = 5, InvalidArgument, "etcdserver: too many operations in txn request";
+    DuplicateKey = 6, InvalidArgument, "etcdserver: duplicate key given in txn request";
+    InvalidSortOption = 7, InvalidArgument, "etcdserver: invalid sort option";
+    Compacted = 8, OutOfRange, "etcdserver: mvcc: required revision has been compacted";
+    FutureRev = 9, OutOfRange, "etcdserver: mvcc: required revision is a future revision";
+    NoSpace = 10, ResourceExhausted, "etcdserver: mvcc: database space exceeded";
+    LeaseNotFound = 11, NotFound, "etcdserver: requested lease not found";
+    LeaseExist = 12, FailedPrecondition, "etcdserver: lease already exists";
+    LeaseTtlTooLarge = 13, OutOfRange, "etcdserver: too large lease TTL";
+    MemberExist = 14, FailedPrecondition, "etcdserver: member ID already exist";
+    PeerUrlExist = 15, FailedPrecondition, "etcdserver: Peer URLs already exists";
+    MemberNotEnoughStarted = 16, FailedPrecondition, "etcdserver: re-configuration failed due to not enough started members";
+    MemberBadUrls = 17, InvalidArgument, "etcdserver: given member URLs are invalid";
+    MemberNotFound = 18, NotFound, "etcdserver: member not found";
+    MemberNotLearner = 19, FailedPrecondition, "etcdserver: can only promote a learner member";
+    LearnerNotReady = 20, FailedPrecondition, "etcdserver: can only promote a learner member which is in sync with leader";
+    TooManyLearners = 21, FailedPrecondition, "etcdserver: too many learner members in cluster";
+    RequestTooLarge = 22, InvalidArgument, "etcdserver: request is too large";
+    TooManyRequests = 23, ResourceExhausted, "etcdserver: too many requests";
+    NoLeader = 24, Unavailable, "etcdserver: no leader";
+    NotLeader = 25, FailedPrecondition, "etcdserver: not leader";
+    LeaderChanged = 26, Unavailable, "etcdserver: leader changed";
+    NotCapable = 27, Unavailable, "etcdserver: not capable";
+    Stopped = 28, Unavailable, "etcdserver: server stopped";
+    Timeout = 29, Unavailable, "etcdserver: request timed out";
+    TimeoutDueToLeaderFail = 30, Unavailable, "etcdserver: request timed out, possibly due to previous leader failure";
+    Unhealthy = 31, Unavailable, "etcdserver: unhealthy cluster";
+    Corrupt = 32, DataLoss, "etcdserver: corrupt cluster";
+    NotSupportedForLearner = 33, Unavailable, "etcdserver: rpc not supported for learner";
+    BadLeaderTransferee = 34, FailedPrecondition, "etcdserver: bad leader transferee";
+}
+
+impl From<EtcdError> for tonic::Status {
+    fn from(error: EtcdError) -> Self {
+        tonic::Status::new(error.code(), error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for error in EtcdError::ALL {
+            assert!(
+                seen.insert(error.number()),
+                "duplicate number for {error:?}"
+            );
+            assert_eq!(EtcdError::from_number(error.number()), Some(*error));
+        }
+        assert_eq!(EtcdError::from_number(0), None);
+    }
+
+    #[test]
+    fn status_carries_etcd_code_and_message() {
+        let status = tonic::Status::from(EtcdError::Compacted);
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(
+            status.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
+        let status = tonic::Status::from(EtcdError::EmptyKey);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "etcdserver: key is not provided");
+    }
+}

@@ -1,0 +1,21 @@
+//! kvstore: an etcd-compatible key-value store replicated with Raft and kept in RocksDB.
+//!
+//! Layers, from the wire inwards: `api` (gRPC services) -> `server` (proposals and
+//! reads) -> `raft` (openraft log store and state machine) -> `apply` (the only code
+//! that mutates state) -> `mvcc` (revisions and key index) -> `storage` (RocksDB).
+
+pub mod api;
+pub mod apply;
+pub mod config;
+pub mod error;
+pub mod ids;
+pub mod mvcc;
+pub mod pb;
+pub mod raft;
+pub mod server;
+pub mod storage;
+
+/// The etcd API version kvstore speaks; reported by Status and `--version`.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+/// kvstore's own version.
+pub const KVSTORE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,122 @@
+//! The `kvstore` binary: parse etcd-style flags, start the member, serve clients.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use kvstore::config::{Config, LogLevel, MemberUrl};
+use kvstore::server::EtcdServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+fn init_logging(level: LogLevel) {
+    let level = match level {
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warn => "warn",
+        LogLevel::Error | LogLevel::Panic | LogLevel::Fatal => "error",
+    };
+    // openraft logs every election at info; keep it at warn unless debugging.
+    let filter = if level == "debug" {
+        "debug".to_string()
+    } else {
+        format!("{level},openraft=warn")
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn bind(url: &MemberUrl) -> anyhow::Result<TcpListener> {
+    if url.scheme != "http" {
+        anyhow::bail!(
+            "listen URL {url}: https needs TLS flags, which this version does not support"
+        );
+    }
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot resolve listen URL {url}: {e}"))?
+        .collect();
+    // Prefer IPv4, as etcd's "localhost" binds 127.0.0.1.
+    let address = addresses
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addresses.first())
+        .ok_or_else(|| anyhow::anyhow!("listen URL {url} resolves to no address"))?;
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to listen on {url} ({address}): {e}"))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid flags: {e}"))?;
+    // Bind first: a port in use should fail before the data dir is touched.
+    let mut listeners = Vec::new();
+    for url in &config.listen_client_urls.0 {
+        listeners.push((url.clone(), bind(url).await?));
+    }
+    let server = EtcdServer::start(&config).await?;
+    let identity = server.identity();
+    tracing::info!(
+        name = %config.name,
+        member_id = %format!("{:x}", identity.member_id),
+        cluster_id = %format!("{:x}", identity.cluster_id),
+        data_dir = %config.data_dir().display(),
+        "kvstore member started"
+    );
+
+    let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
+    let mut serving = tokio::task::JoinSet::new();
+    for (url, listener) in listeners {
+        let routes = kvstore::api::routes(server.clone());
+        let mut shutdown = shutdown.clone();
+        tracing::info!(%url, "serving client requests");
+        serving.spawn(async move {
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+    }
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("received interrupt, shutting down"),
+        _ = terminate.recv() => tracing::info!("received SIGTERM, shutting down"),
+        Some(result) = serving.join_next() => {
+            result??;
+        }
+    }
+    let _ = shutdown_sender.send(true);
+    while serving.join_next().await.is_some() {}
+    server.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    init_logging(config.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("kvstore: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvstore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

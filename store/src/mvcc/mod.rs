@@ -1,0 +1,714 @@
+//! Multi-version key-value state with etcd's semantics: one store revision per
+//! mutation, per-key create/mod revision and version, tombstones, reads at old
+//! revisions until compaction. Knows nothing of gRPC or Raft: the apply layer is its
+//! only writer. Values live in RocksDB by revision; the key index lives in memory and
+//! is rebuilt from RocksDB at start.
+
+pub mod key_index;
+pub mod revision;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use prost::Message;
+
+use crate::error::EtcdError;
+use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
+use crate::pb::etcdserverpb::{RangeRequest, RangeResponse};
+use crate::pb::mvccpb::KeyValue;
+use crate::storage::{meta_key, Storage, WriteBatch, CF_KV, CF_META};
+use key_index::KeyIndex;
+pub use revision::Revision;
+
+/// Errors of the MVCC layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An etcd error for the client.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt mvcc record at revision {revision:?}: {reason}")]
+    Corrupt {
+        /// Where.
+        revision: Revision,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// The set of keys a request addresses, decoded from etcd's `key`/`range_end` pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRange {
+    /// Exactly one key (`range_end` empty).
+    Single(Vec<u8>),
+    /// `[start, end)`; `end` None means every key from `start` on (`range_end` "\0").
+    Span {
+        /// First key.
+        start: Vec<u8>,
+        /// Exclusive end.
+        end: Option<Vec<u8>>,
+    },
+}
+
+impl KeyRange {
+    /// Decodes etcd's key and range_end.
+    pub fn new(key: &[u8], range_end: &[u8]) -> KeyRange {
+        if range_end.is_empty() {
+            KeyRange::Single(key.to_vec())
+        } else if range_end == [0] {
+            KeyRange::Span {
+                start: key.to_vec(),
+                end: None,
+            }
+        } else {
+            KeyRange::Span {
+                start: key.to_vec(),
+                end: Some(range_end.to_vec()),
+            }
+        }
+    }
+
+    /// Whether `key` is inside the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        match self {
+            KeyRange::Single(single) => single.as_slice() == key,
+            KeyRange::Span { start, end } => {
+                key >= start.as_slice() && end.as_ref().is_none_or(|end| key < end.as_slice())
+            }
+        }
+    }
+
+    fn iter<'a>(
+        &self,
+        keys: &'a BTreeMap<Vec<u8>, KeyIndex>,
+    ) -> Box<dyn Iterator<Item = (&'a Vec<u8>, &'a KeyIndex)> + 'a> {
+        match self {
+            KeyRange::Single(key) => Box::new(keys.get_key_value(key).into_iter()),
+            KeyRange::Span { start, end } => {
+                if let Some(end) = end {
+                    if end <= start {
+                        return Box::new(std::iter::empty());
+                    }
+                }
+                let upper = match end {
+                    Some(end) => Bound::Excluded(end.clone()),
+                    None => Bound::Unbounded,
+                };
+                Box::new(keys.range((Bound::Included(start.clone()), upper)))
+            }
+        }
+    }
+}
+
+/// The in-memory index and the revision counters, guarded together.
+#[derive(Default)]
+struct IndexState {
+    keys: BTreeMap<Vec<u8>, KeyIndex>,
+    current_revision: i64,
+    compact_revision: i64,
+}
+
+/// The MVCC store of one member.
+pub struct Mvcc {
+    storage: Arc<Storage>,
+    state: RwLock<IndexState>,
+}
+
+/// Read access to a consistent state of the store: either a reader's view of the
+/// newest applied revision or the apply layer's view with its own pending writes.
+pub trait ReadView {
+    /// The newest revision visible to this view.
+    fn current_revision(&self) -> i64;
+    /// The revision history is compacted at.
+    fn compact_revision(&self) -> i64;
+    /// The key index.
+    fn keys(&self) -> &BTreeMap<Vec<u8>, KeyIndex>;
+    /// The stored value written at `revision`.
+    fn value(&self, revision: Revision) -> Result<KeyValue, Error>;
+}
+
+fn decode_value(revision: Revision, bytes: Option<Vec<u8>>) -> Result<KeyValue, Error> {
+    let bytes = bytes.ok_or_else(|| Error::Corrupt {
+        revision,
+        reason: "indexed revision missing from storage".into(),
+    })?;
+    KeyValue::decode(bytes.as_slice()).map_err(|source| Error::Corrupt {
+        revision,
+        reason: source.to_string(),
+    })
+}
+
+/// A reader's view: the index under a shared lock.
+pub struct Reader<'a> {
+    state: RwLockReadGuard<'a, IndexState>,
+    storage: &'a Storage,
+}
+
+impl ReadView for Reader<'_> {
+    fn current_revision(&self) -> i64 {
+        self.state.current_revision
+    }
+    fn compact_revision(&self) -> i64 {
+        self.state.compact_revision
+    }
+    fn keys(&self) -> &BTreeMap<Vec<u8>, KeyIndex> {
+        &self.state.keys
+    }
+    fn value(&self, revision: Revision) -> Result<KeyValue, Error> {
+        decode_value(revision, self.storage.get(CF_KV, &revision.to_key(false))?)
+    }
+}
+
+/// The apply layer's view: exclusive access, writes collected in one RocksDB batch.
+/// Nothing is visible to readers before [`Writer::commit`].
+pub struct Writer<'a> {
+    state: RwLockWriteGuard<'a, IndexState>,
+    storage: &'a Storage,
+    batch: WriteBatch,
+    pending_values: HashMap<Revision, KeyValue>,
+    /// Changes made so far in the open store revision.
+    sub_revision: i64,
+}
+
+impl ReadView for Writer<'_> {
+    fn current_revision(&self) -> i64 {
+        if self.sub_revision > 0 {
+            self.state.current_revision + 1
+        } else {
+            self.state.current_revision
+        }
+    }
+    fn compact_revision(&self) -> i64 {
+        self.state.compact_revision
+    }
+    fn keys(&self) -> &BTreeMap<Vec<u8>, KeyIndex> {
+        &self.state.keys
+    }
+    fn value(&self, revision: Revision) -> Result<KeyValue, Error> {
+        if let Some(value) = self.pending_values.get(&revision) {
+            return Ok(value.clone());
+        }
+        decode_value(revision, self.storage.get(CF_KV, &revision.to_key(false))?)
+    }
+}
+
+/// The keys of a range at a revision, found in the index.
+pub struct Found {
+    /// Keys with values, in key order, at most the requested limit.
+    pub kvs: Vec<KeyValue>,
+    /// All keys in the range at that revision, regardless of limit.
+    pub count: i64,
+}
+
+/// Checks `revision` against the view and turns "0 or less" into the newest revision.
+pub fn read_revision(view: &impl ReadView, revision: i64) -> Result<i64, EtcdError> {
+    let current = view.current_revision();
+    if revision > current {
+        return Err(EtcdError::FutureRev);
+    }
+    let at = if revision <= 0 { current } else { revision };
+    if at < view.compact_revision() {
+        return Err(EtcdError::Compacted);
+    }
+    Ok(at)
+}
+
+/// Finds the keys in `range` as of revision `at` (already checked), reading at most
+/// `limit` values (0: all); `count_only` reads none.
+pub fn find(
+    view: &impl ReadView,
+    range: &KeyRange,
+    at: i64,
+    limit: usize,
+    count_only: bool,
+) -> Result<Found, Error> {
+    let mut count = 0i64;
+    let mut kvs = Vec::new();
+    for (_, index) in range.iter(view.keys()) {
+        let Some(found) = index.get(at) else { continue };
+        count += 1;
+        if count_only || (limit > 0 && kvs.len() >= limit) {
+            continue;
+        }
+        kvs.push(view.value(found.modified)?);
+    }
+    Ok(Found { kvs, count })
+}
+
+/// etcd's Range: revision checks, filters, sorting, limit, keys_only and count_only.
+/// The header is left for the caller.
+pub fn range(view: &impl ReadView, request: &RangeRequest) -> Result<RangeResponse, Error> {
+    let at = read_revision(view, request.revision)?;
+    let key_range = KeyRange::new(&request.key, &request.range_end);
+    let sort_order =
+        SortOrder::try_from(request.sort_order).map_err(|_| EtcdError::InvalidSortOption)?;
+    let sort_target =
+        SortTarget::try_from(request.sort_target).map_err(|_| EtcdError::InvalidSortOption)?;
+    let needs_all = sort_order != SortOrder::None
+        || request.min_mod_revision != 0
+        || request.max_mod_revision != 0
+        || request.min_create_revision != 0
+        || request.max_create_revision != 0;
+    let fetch_limit = if needs_all || request.limit <= 0 {
+        0
+    } else {
+        request.limit as usize + 1
+    };
+    let found = find(view, &key_range, at, fetch_limit, request.count_only)?;
+    let mut response = RangeResponse {
+        count: found.count,
+        ..Default::default()
+    };
+    if request.count_only {
+        return Ok(response);
+    }
+    let mut kvs = found.kvs;
+    kvs.retain(|kv| {
+        (request.max_mod_revision == 0 || kv.mod_revision <= request.max_mod_revision)
+            && (request.min_mod_revision == 0 || kv.mod_revision >= request.min_mod_revision)
+            && (request.max_create_revision == 0
+                || kv.create_revision <= request.max_create_revision)
+            && (request.min_create_revision == 0
+                || kv.create_revision >= request.min_create_revision)
+    });
+    let mut order = sort_order;
+    if sort_target != SortTarget::Key && order == SortOrder::None {
+        order = SortOrder::Ascend;
+    }
+    if sort_target == SortTarget::Key && order == SortOrder::Ascend {
+        order = SortOrder::None;
+    }
+    if order != SortOrder::None {
+        let compare = |a: &KeyValue, b: &KeyValue| match sort_target {
+            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Value => a.value.cmp(&b.value),
+        };
+        if order == SortOrder::Descend {
+            kvs.sort_by(|a, b| compare(b, a));
+        } else {
+            kvs.sort_by(compare);
+        }
+    }
+    if request.limit > 0 && kvs.len() > request.limit as usize {
+        kvs.truncate(request.limit as usize);
+        response.more = true;
+    }
+    if request.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    response.kvs = kvs;
+    Ok(response)
+}
+
+/// Reads the revision counters and rebuilds the key index from stored history.
+fn load_state(storage: &Storage) -> Result<IndexState, Error> {
+    let mut state = IndexState::default();
+
+    let read_i64 = |key: &[u8]| -> Result<i64, Error> {
+        Ok(storage
+            .get(CF_META, key)?
+            .and_then(|bytes| bytes.try_into().ok().map(i64::from_be_bytes))
+            .unwrap_or(0))
+    };
+    state.compact_revision = read_i64(meta_key::COMPACT_REVISION)?;
+    state.current_revision = read_i64(meta_key::CURRENT_REVISION)?;
+    let iterator = storage
+        .db()
+        .iterator_cf(storage.cf(CF_KV), rocksdb::IteratorMode::Start);
+    for item in iterator {
+        let (key, value) = item.map_err(|source| crate::storage::Error::Io {
+            operation: "scan kv",
+            source,
+        })?;
+        let Some((revision, tombstone)) = Revision::from_key(&key) else {
+            return Err(Error::Corrupt {
+                revision: Revision::default(),
+                reason: format!("malformed revision key {key:?}"),
+            });
+        };
+        let kv = decode_value(revision, Some(value.to_vec()))?;
+        let index = state.keys.entry(kv.key.clone()).or_default();
+        if tombstone {
+            index.tombstone(revision);
+        } else if !index.is_live() && kv.create_revision != revision.main {
+            // Compaction removed the earlier revisions of this generation.
+            index.restore(Revision::new(kv.create_revision, 0), revision, kv.version);
+        } else {
+            index.put(revision);
+        }
+        state.current_revision = state.current_revision.max(revision.main);
+    }
+    Ok(state)
+}
+
+impl Mvcc {
+    /// Opens the MVCC state kept in `storage`, rebuilding the key index.
+    pub fn open(storage: Arc<Storage>) -> Result<Arc<Mvcc>, Error> {
+        let state = load_state(&storage)?;
+        Ok(Arc::new(Mvcc {
+            storage,
+            state: RwLock::new(state),
+        }))
+    }
+
+    /// Writes `batch`, which replaces the stored history wholesale (a snapshot being
+    /// installed), and rebuilds the index from it; readers wait meanwhile.
+    pub fn replace(&self, batch: WriteBatch) -> Result<(), Error> {
+        let mut state = self.state.write();
+        self.storage.write(batch, true)?;
+        *state = load_state(&self.storage)?;
+        Ok(())
+    }
+
+    /// A consistent read view of the newest applied revision.
+    pub fn read(&self) -> Reader<'_> {
+        Reader {
+            state: self.state.read(),
+            storage: &self.storage,
+        }
+    }
+
+    /// The exclusive write view used by the apply layer.
+    pub fn write(&self) -> Writer<'_> {
+        Writer {
+            state: self.state.write(),
+            storage: &self.storage,
+            batch: WriteBatch::default(),
+            pending_values: HashMap::new(),
+            sub_revision: 0,
+        }
+    }
+
+    /// The newest applied revision.
+    pub fn current_revision(&self) -> i64 {
+        self.state.read().current_revision
+    }
+
+    /// The revision history is compacted at.
+    pub fn compact_revision(&self) -> i64 {
+        self.state.read().compact_revision
+    }
+
+    /// Number of keys live at the newest revision.
+    pub fn live_keys(&self) -> usize {
+        self.state
+            .read()
+            .keys
+            .values()
+            .filter(|index| index.is_live())
+            .count()
+    }
+
+    /// The storage the values live in.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+}
+
+impl Writer<'_> {
+    fn next_revision(&mut self) -> Revision {
+        let revision = Revision::new(self.state.current_revision + 1, self.sub_revision);
+        self.sub_revision += 1;
+        revision
+    }
+
+    /// The live value of `key` as this view sees it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, Error> {
+        let at = self.current_revision();
+        match self.state.keys.get(key).and_then(|index| index.get(at)) {
+            Some(found) => Ok(Some(self.value(found.modified)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `key` at the next change of the open revision; returns the new value.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<KeyValue, Error> {
+        let previous = self.get(key)?;
+        let revision = self.next_revision();
+        let kv = KeyValue {
+            key: key.to_vec(),
+            create_revision: previous
+                .as_ref()
+                .map_or(revision.main, |p| p.create_revision),
+            mod_revision: revision.main,
+            version: previous.as_ref().map_or(1, |p| p.version + 1),
+            value,
+            lease,
+        };
+        self.batch.put_cf(
+            self.storage.cf(CF_KV),
+            revision.to_key(false),
+            kv.encode_to_vec(),
+        );
+        self.state
+            .keys
+            .entry(key.to_vec())
+            .or_default()
+            .put(revision);
+        self.pending_values.insert(revision, kv.clone());
+        Ok(kv)
+    }
+
+    /// Deletes every live key in `range`; returns the deleted values.
+    pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>, Error> {
+        let at = self.current_revision();
+        let found = find(self, range, at, 0, false)?;
+        for kv in &found.kvs {
+            let revision = self.next_revision();
+            let tombstone = KeyValue {
+                key: kv.key.clone(),
+                ..Default::default()
+            };
+            self.batch.put_cf(
+                self.storage.cf(CF_KV),
+                revision.to_key(true),
+                tombstone.encode_to_vec(),
+            );
+            self.state
+                .keys
+                .get_mut(&kv.key)
+                .expect("a key found in the index is still there")
+                .tombstone(revision);
+        }
+        Ok(found.kvs)
+    }
+
+    /// Closes the open store revision; returns the new current revision.
+    pub fn end_revision(&mut self) -> i64 {
+        if self.sub_revision > 0 {
+            self.state.current_revision += 1;
+            self.sub_revision = 0;
+            let current = self.state.current_revision;
+            self.batch.put_cf(
+                self.storage.cf(CF_META),
+                meta_key::CURRENT_REVISION,
+                current.to_be_bytes(),
+            );
+        }
+        self.state.current_revision
+    }
+
+    /// Removes history below `at`. Checks are etcd's: `at` must be above the last
+    /// compaction and not in the future.
+    pub fn compact(&mut self, at: i64) -> Result<(), Error> {
+        if at <= self.state.compact_revision {
+            return Err(EtcdError::Compacted.into());
+        }
+        if at > self.state.current_revision {
+            return Err(EtcdError::FutureRev.into());
+        }
+        let mut keep = HashSet::new();
+        self.state
+            .keys
+            .retain(|_, index| !index.compact(at, &mut keep));
+        let cf = self.storage.cf(CF_KV);
+        let end = Revision::new(at + 1, 0).to_key(false);
+        let iterator = self.storage.db().iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(&end, rocksdb::Direction::Reverse),
+        );
+        let mut doomed = Vec::new();
+        for item in iterator {
+            let (key, _) = item.map_err(|source| crate::storage::Error::Io {
+                operation: "scan kv for compaction",
+                source,
+            })?;
+            let Some((revision, _)) = Revision::from_key(&key) else {
+                continue;
+            };
+            if revision.main > at {
+                continue;
+            }
+            if !keep.contains(&revision) {
+                doomed.push(key);
+            }
+        }
+        for key in doomed {
+            self.batch.delete_cf(cf, key);
+        }
+        self.state.compact_revision = at;
+        self.batch.put_cf(
+            self.storage.cf(CF_META),
+            meta_key::COMPACT_REVISION,
+            at.to_be_bytes(),
+        );
+        Ok(())
+    }
+
+    /// Adds a write of the caller's own (applied state, membership) to the batch.
+    pub fn batch(&mut self) -> &mut WriteBatch {
+        &mut self.batch
+    }
+
+    /// Writes the batch (without fsync: the Raft log is the durable record and is
+    /// replayed after a crash) and makes the new revisions visible to readers.
+    pub fn commit(self) -> Result<(), Error> {
+        self.storage.write(self.batch, false)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Arc<Mvcc>) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        (dir, Mvcc::open(storage).unwrap())
+    }
+
+    fn put(mvcc: &Mvcc, key: &str, value: &str) -> i64 {
+        let mut writer = mvcc.write();
+        writer
+            .put(key.as_bytes(), value.as_bytes().to_vec(), 0)
+            .unwrap();
+        let revision = writer.end_revision();
+        writer.commit().unwrap();
+        revision
+    }
+
+    fn get_at(mvcc: &Mvcc, key: &str, revision: i64) -> Result<Option<KeyValue>, Error> {
+        let request = RangeRequest {
+            key: key.as_bytes().to_vec(),
+            revision,
+            ..Default::default()
+        };
+        Ok(range(&mvcc.read(), &request)?.kvs.into_iter().next())
+    }
+
+    #[test]
+    fn revisions_versions_and_history() {
+        let (_dir, mvcc) = open();
+        assert_eq!(put(&mvcc, "a", "1"), 1);
+        assert_eq!(put(&mvcc, "a", "2"), 2);
+        let kv = get_at(&mvcc, "a", 0).unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 2, 2));
+        assert_eq!(get_at(&mvcc, "a", 1).unwrap().unwrap().value, b"1");
+        assert!(matches!(
+            get_at(&mvcc, "a", 3),
+            Err(Error::Etcd(EtcdError::FutureRev))
+        ));
+
+        let mut writer = mvcc.write();
+        let deleted = writer.delete_range(&KeyRange::new(b"a", b"")).unwrap();
+        assert_eq!(deleted.len(), 1);
+        assert_eq!(writer.end_revision(), 3);
+        writer.commit().unwrap();
+        assert!(get_at(&mvcc, "a", 0).unwrap().is_none());
+        assert_eq!(put(&mvcc, "a", "3"), 4);
+        let kv = get_at(&mvcc, "a", 0).unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.version), (4, 1));
+    }
+
+    #[test]
+    fn compaction_removes_history_and_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
+            put(&mvcc, "a", "1");
+            put(&mvcc, "a", "2");
+            put(&mvcc, "b", "1");
+            let mut writer = mvcc.write();
+            writer.delete_range(&KeyRange::new(b"b", b"")).unwrap();
+            writer.end_revision();
+            writer.commit().unwrap();
+            put(&mvcc, "c", "1");
+            let mut writer = mvcc.write();
+            writer.compact(4).unwrap();
+            writer.commit().unwrap();
+            assert!(matches!(
+                get_at(&mvcc, "a", 3),
+                Err(Error::Etcd(EtcdError::Compacted))
+            ));
+            assert_eq!(get_at(&mvcc, "a", 4).unwrap().unwrap().value, b"2");
+            let mut writer = mvcc.write();
+            assert!(matches!(
+                writer.compact(4),
+                Err(Error::Etcd(EtcdError::Compacted))
+            ));
+            assert!(matches!(
+                writer.compact(9),
+                Err(Error::Etcd(EtcdError::FutureRev))
+            ));
+        }
+        let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(mvcc.current_revision(), 5);
+        assert_eq!(mvcc.compact_revision(), 4);
+        let kv = get_at(&mvcc, "a", 0).unwrap().unwrap();
+        assert_eq!(
+            (kv.value.as_slice(), kv.create_revision, kv.version),
+            (&b"2"[..], 1, 2)
+        );
+        assert!(get_at(&mvcc, "b", 0).unwrap().is_none());
+        assert_eq!(mvcc.live_keys(), 2);
+        // Only a@2 and c@5 remain on disk: a@1, b@3 and its tombstone are gone.
+        let stored = mvcc
+            .storage()
+            .db()
+            .iterator_cf(mvcc.storage().cf(CF_KV), rocksdb::IteratorMode::Start)
+            .count();
+        assert_eq!(stored, 2);
+        assert_eq!(put(&mvcc, "a", "3"), 6);
+        assert_eq!(get_at(&mvcc, "a", 0).unwrap().unwrap().version, 3);
+    }
+
+    #[test]
+    fn range_limit_sort_and_count() {
+        let (_dir, mvcc) = open();
+        put(&mvcc, "k1", "c");
+        put(&mvcc, "k2", "a");
+        put(&mvcc, "k3", "b");
+        put(&mvcc, "l", "z");
+        let request = RangeRequest {
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            limit: 2,
+            ..Default::default()
+        };
+        let response = range(&mvcc.read(), &request).unwrap();
+        assert_eq!(response.kvs.len(), 2);
+        assert!(response.more);
+        assert_eq!(response.count, 3);
+
+        let request = RangeRequest {
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            sort_target: SortTarget::Value as i32,
+            sort_order: SortOrder::Descend as i32,
+            ..Default::default()
+        };
+        let keys: Vec<_> = range(&mvcc.read(), &request)
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        assert_eq!(keys, vec![b"k1".to_vec(), b"k3".to_vec(), b"k2".to_vec()]);
+
+        let inverted = RangeRequest {
+            key: b"l".to_vec(),
+            range_end: b"k".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(range(&mvcc.read(), &inverted).unwrap().count, 0);
+        let from_key = RangeRequest {
+            key: b"k3".to_vec(),
+            range_end: vec![0],
+            count_only: true,
+            ..Default::default()
+        };
+        let response = range(&mvcc.read(), &from_key).unwrap();
+        assert_eq!((response.count, response.kvs.len()), (2, 0));
+    }
+}

@@ -1,0 +1,142 @@
+//! Raft: openraft's type configuration, the RocksDB log store, the state machine
+//! adapter and the peer network. Must not import the api or server layers.
+
+// openraft's traits fix StorageError as the error type; it is large by its design.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::io::Cursor;
+
+use prost::Message;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::pb::kvstorepb::{InternalRaftRequest, InternalRaftResponse};
+
+openraft::declare_raft_types!(
+    /// kvstore's Raft types: etcd member IDs as node IDs, protobuf payloads.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A log id.
+pub type LogId = openraft::LogId<u64>;
+/// A storage error.
+pub type StorageError = openraft::StorageError<u64>;
+/// A membership as stored with the applied state.
+pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
+
+/// A proposal: the protobuf request, serialized as its protobuf bytes.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Request(pub InternalRaftRequest);
+
+/// What applying a proposal produced, serialized as its protobuf bytes.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Response(pub InternalRaftResponse);
+
+fn serialize_message<S: Serializer, M: Message>(
+    message: &M,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serde_bytes::Bytes::new(&message.encode_to_vec()).serialize(serializer)
+}
+
+fn deserialize_message<'de, D: Deserializer<'de>, M: Message + Default>(
+    deserializer: D,
+) -> Result<M, D::Error> {
+    let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
+    M::decode(bytes.as_slice()).map_err(serde::de::Error::custom)
+}
+
+impl Serialize for Request {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_message(&self.0, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_message(deserializer).map(Request)
+    }
+}
+
+impl Serialize for Response {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_message(&self.0, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Response {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_message(deserializer).map(Response)
+    }
+}
+
+/// Encodes a value for storage (bincode of its serde form).
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serialize(value).expect("raft records are plain data and always serialize")
+}
+
+/// Decodes a stored value, reporting corruption as a storage read error.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    subject: openraft::ErrorSubject<u64>,
+) -> Result<T, StorageError> {
+    bincode::deserialize(bytes).map_err(|error| {
+        openraft::StorageIOError::new(
+            subject,
+            openraft::ErrorVerb::Read,
+            openraft::AnyError::new(&error),
+        )
+        .into()
+    })
+}
+
+/// Turns a storage-layer failure into openraft's error.
+pub(crate) fn io_error<E: std::error::Error + 'static>(
+    subject: openraft::ErrorSubject<u64>,
+    verb: openraft::ErrorVerb,
+    error: &E,
+) -> StorageError {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::new(error)).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::etcdserverpb::PutRequest;
+    use crate::pb::kvstorepb::internal_raft_request;
+
+    #[test]
+    fn request_survives_entry_encoding() {
+        let request = Request(InternalRaftRequest {
+            request: Some(internal_raft_request::Request::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: vec![0, 1, 2, 255],
+                ..Default::default()
+            })),
+        });
+        let entry = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 7), 42),
+            payload: openraft::EntryPayload::Normal(request.clone()),
+        };
+        let decoded: Entry = decode(&encode(&entry), openraft::ErrorSubject::Logs).unwrap();
+        assert_eq!(decoded.log_id, entry.log_id);
+        match decoded.payload {
+            openraft::EntryPayload::Normal(decoded_request) => assert_eq!(decoded_request, request),
+            other => panic!("unexpected payload {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! The server: owns the Raft node and the MVCC store; turns client mutations into
+//! proposals, serves linearizable and serializable reads, and answers with etcd's
+//! response headers. Knows nothing of gRPC services beyond `Status`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::EtcdError;
+use crate::mvcc::Mvcc;
+use crate::pb::etcdserverpb::{Member, ResponseHeader};
+use crate::pb::kvstorepb::internal_raft_response::Response;
+use crate::pb::kvstorepb::InternalRaftRequest;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::Network;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{Raft, Request};
+use crate::storage::{meta_key, Storage, WriteBatch, CF_META};
+
+/// Errors of starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An etcd error for the client.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// The data directory cannot be used.
+    #[error("cannot use data directory {path}: {reason}")]
+    DataDir {
+        /// Which directory.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::Error),
+    /// The MVCC state could not be loaded or read.
+    #[error(transparent)]
+    Mvcc(#[from] crate::mvcc::Error),
+    /// Raft failed.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Etcd(error) => error.into(),
+            Error::Mvcc(crate::mvcc::Error::Etcd(error)) => error.into(),
+            other => tonic::Status::internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::mvcc::Error> for tonic::Status {
+    fn from(error: crate::mvcc::Error) -> Self {
+        Error::from(error).into()
+    }
+}
+
+/// Who this member is, fixed when its data dir is created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Identity {
+    /// `--name` at creation.
+    pub name: String,
+    /// The etcd member ID.
+    pub member_id: u64,
+    /// The etcd cluster ID.
+    pub cluster_id: u64,
+    /// Peer URLs at creation.
+    pub peer_urls: Vec<String>,
+}
+
+/// Limits taken from the flags.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// `--max-request-bytes`.
+    pub max_request_bytes: usize,
+    /// `--max-txn-ops`.
+    pub max_txn_ops: usize,
+    /// `--quota-backend-bytes` in effect.
+    pub quota_backend_bytes: i64,
+}
+
+/// A running member.
+pub struct EtcdServer {
+    raft: Raft,
+    mvcc: Arc<Mvcc>,
+    storage: Arc<Storage>,
+    identity: Identity,
+    name: String,
+    client_urls: Vec<String>,
+    limits: Limits,
+}
+
+fn open_data_dir(path: &Path) -> Result<(), Error> {
+    let data_dir_error = |reason: String| Error::DataDir {
+        path: path.display().to_string(),
+        reason,
+    };
+    if path.exists() && !path.is_dir() {
+        return Err(data_dir_error("it exists and is not a directory".into()));
+    }
+    std::fs::create_dir_all(path).map_err(|e| data_dir_error(e.to_string()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| data_dir_error(e.to_string()))?;
+    }
+    // Probe writability now, so the error names the directory rather than a RocksDB file.
+    let probe = path.join(".kvstore-probe");
+    std::fs::write(&probe, b"").map_err(|e| data_dir_error(e.to_string()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+impl EtcdServer {
+    /// Opens the data dir, recovers state from disk and starts Raft. A fresh data dir
+    /// bootstraps a one-member cluster.
+    pub async fn start(config: &Config) -> Result<Arc<EtcdServer>, Error> {
+        let data_dir = config.data_dir();
+        open_data_dir(&data_dir)?;
+        let storage = Storage::open(&data_dir.join("member"))?;
+        let mvcc = Mvcc::open(storage.clone())?;
+
+        let stored_identity = storage
+            .get(CF_META, meta_key::MEMBER)?
+            .map(|bytes| serde_json::from_slice::<Identity>(&bytes))
+            .transpose()
+            .map_err(|e| Error::DataDir {
+                path: data_dir.display().to_string(),
+                reason: format!("member record is corrupt: {e}"),
+            })?;
+        let fresh = stored_identity.is_none();
+        let identity = match stored_identity {
+            Some(identity) => {
+                tracing::info!(member_id = %format!("{:x}", identity.member_id), "found existing member in data dir; ignoring --initial-cluster flags");
+                identity
+            }
+            None => {
+                let members = config
+                    .initial_cluster_members()
+                    .map_err(Error::Raft)?;
+                let peer_urls = config.initial_advertise_peer_urls.strings();
+                let token = &config.initial_cluster_token;
+                let member_id = crate::ids::member_id(&peer_urls, token);
+                let mut member_ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for (name, url) in members {
+                    member_ids.entry(name).or_default().push(url.to_string());
+                }
+                let ids: Vec<u64> = member_ids
+                    .values()
+                    .map(|urls| crate::ids::member_id(urls, token))
+                    .collect();
+                let identity = Identity {
+                    name: config.name.clone(),
+                    member_id,
+                    cluster_id: crate::ids::cluster_id(&ids),
+                    peer_urls,
+                };
+                let mut batch = WriteBatch::default();
+                batch.put_cf(
+                    storage.cf(CF_META),
+                    meta_key::MEMBER,
+                    serde_json::to_vec(&identity).expect("identity serializes"),
+                );
+                storage.write(batch, true)?;
+                identity
+            }
+        };
+
+        let raft_config = openraft::Config {
+            cluster_name: config.initial_cluster_token.clone(),
+            heartbeat_interval: config.heartbeat_interval,
+            election_timeout_min: config.election_timeout,
+            election_timeout_max: config.election_timeout * 2,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+            max_in_snapshot_log_to_keep: 5000,
+            enable_tick: true,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| Error::Raft(e.to_string()))?;
+
+        let log_store = LogStore::open(storage.clone());
+        let state_machine =
+            StateMachine::open(mvcc.clone()).map_err(|e| Error::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            identity.member_id,
+            Arc::new(raft_config),
+            Network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| Error::Raft(e.to_string()))?;
+
+        let node = BasicNode::new(identity.peer_urls.first().cloned().unwrap_or_default());
+        if fresh
+            || !raft
+                .is_initialized()
+                .await
+                .map_err(|e| Error::Raft(e.to_string()))?
+        {
+            let members = BTreeMap::from([(identity.member_id, node)]);
+            match raft.initialize(members).await {
+                Ok(()) => {}
+                Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(Error::Raft(e.to_string())),
+            }
+        } else {
+            // A lone voter need not wait an election timeout to lead again.
+            let voters: Vec<u64> = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            if voters == [identity.member_id] {
+                let _ = raft.trigger().elect().await;
+            }
+        }
+
+        let server = Arc::new(EtcdServer {
+            raft,
+            mvcc,
+            storage,
+            identity,
+            name: config.name.clone(),
+            client_urls: config.advertise_client_urls.strings(),
+            limits: Limits {
+                max_request_bytes: config.max_request_bytes as usize,
+                max_txn_ops: config.max_txn_ops as usize,
+                quota_backend_bytes: config.quota_backend_bytes(),
+            },
+        });
+        server
+            .wait_for_leader(Duration::from_millis(config.election_timeout * 4))
+            .await;
+        Ok(server)
+    }
+
+    async fn wait_for_leader(&self, timeout: Duration) {
+        let mut metrics = self.raft.metrics();
+        let _ = tokio::time::timeout(timeout, async {
+            loop {
+                if metrics.borrow().current_leader.is_some() {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The MVCC store.
+    pub fn mvcc(&self) -> &Arc<Mvcc> {
+        &self.mvcc
+    }
+
+    /// The member's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Limits from the flags.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    /// A response header for `revision` (0: the current revision).
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        let revision = if revision == 0 {
+            self.mvcc.current_revision()
+        } else {
+            revision
+        };
+        Some(ResponseHeader {
+            cluster_id: self.identity.cluster_id,
+            member_id: self.identity.member_id,
+            revision,
+            raft_term: self.raft.metrics().borrow().current_term,
+        })
+    }
+
+    /// Fills the cluster fields of a header the apply layer produced.
+    pub fn fill_header(&self, header: &mut Option<ResponseHeader>) {
+        let revision = header.as_ref().map_or(0, |h| h.revision);
+        *header = self.header(revision);
+    }
+
+    /// Proposes a mutation and waits until it is committed and applied.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn propose(&self, request: InternalRaftRequest) -> Result<Response, Error> {
+        if request.encoded_len() > self.limits.max_request_bytes {
+            return Err(EtcdError::RequestTooLarge.into());
+        }
+        let written =
+            self.raft
+                .client_write(Request(request))
+                .await
+                .map_err(|error| match error {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                        if forward.leader_id.is_some() {
+                            Error::Etcd(EtcdError::NotLeader)
+                        } else {
+                            Error::Etcd(EtcdError::NoLeader)
+                        }
+                    }
+                    RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                        Error::Raft(e.to_string())
+                    }
+                    RaftError::Fatal(_) => Error::Etcd(EtcdError::Stopped),
+                })?;
+        match written.data.0.response {
+            Some(Response::Error(number)) => Err(EtcdError::from_number(number)
+                .unwrap_or(EtcdError::NotCapable)
+                .into()),
+            Some(response) => Ok(response),
+            None => Err(Error::Raft("applied entry produced no response".into())),
+        }
+    }
+
+    /// Waits until this member has applied everything committed before the call, as
+    /// confirmed by the leader: after it a read sees every acknowledged write.
+    pub async fn linearizable_read(&self) -> Result<(), Error> {
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|error| match error {
+                RaftError::APIError(_) => Error::Etcd(EtcdError::NoLeader),
+                RaftError::Fatal(_) => Error::Etcd(EtcdError::Stopped),
+            })?;
+        Ok(())
+    }
+
+    /// The cluster's members as etcd lists them.
+    pub fn members(&self) -> Vec<Member> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let own = *id == self.identity.member_id;
+                Member {
+                    id: *id,
+                    name: if own {
+                        self.name.clone()
+                    } else {
+                        String::new()
+                    },
+                    peer_ur_ls: vec![node.addr.clone()],
+                    client_ur_ls: if own {
+                        self.client_urls.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    is_learner: learners.contains(id),
+                }
+            })
+            .collect()
+    }
+
+    /// Raft status for the Status RPC: leader, last log index, term, applied index.
+    pub fn raft_status(&self) -> (u64, u64, u64, u64, bool) {
+        let metrics = self.raft.metrics().borrow().clone();
+        (
+            metrics.current_leader.unwrap_or(0),
+            metrics.last_log_index.unwrap_or(0),
+            metrics.current_term,
+            metrics.last_applied.map_or(0, |log_id| log_id.index),
+            metrics.state == ServerState::Learner,
+        )
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}

@@ -1,0 +1,192 @@
+//! RocksDB: the one database file set of a member. Every column family and meta key
+//! is named here, and nothing outside this module opens or configures RocksDB.
+//! Must not import the raft, mvcc or api layers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use rocksdb::WriteBatch;
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
+
+/// Raft log entries keyed by big-endian index.
+pub const CF_RAFT_LOG: &str = "raft_log";
+/// Raft metadata: vote, committed log id, last purged log id.
+pub const CF_RAFT_META: &str = "raft_meta";
+/// MVCC history: revision key -> encoded `mvccpb.KeyValue`.
+pub const CF_KV: &str = "kv";
+/// State machine metadata: applied log id, membership, compaction point.
+pub const CF_META: &str = "meta";
+
+const COLUMN_FAMILIES: [&str; 4] = [CF_RAFT_LOG, CF_RAFT_META, CF_KV, CF_META];
+
+/// Keys inside [`CF_RAFT_META`].
+pub mod raft_meta_key {
+    /// The persisted vote.
+    pub const VOTE: &[u8] = b"vote";
+    /// The last known committed log id.
+    pub const COMMITTED: &[u8] = b"committed";
+    /// The last purged log id.
+    pub const LAST_PURGED: &[u8] = b"last_purged";
+}
+
+/// Keys inside [`CF_META`].
+pub mod meta_key {
+    /// The last applied log id.
+    pub const LAST_APPLIED: &[u8] = b"last_applied";
+    /// The last applied membership config.
+    pub const MEMBERSHIP: &[u8] = b"membership";
+    /// The revision history was compacted at.
+    pub const COMPACT_REVISION: &[u8] = b"compact_revision";
+    /// The current revision, kept so it survives compaction of its own key.
+    pub const CURRENT_REVISION: &[u8] = b"current_revision";
+    /// The member's identity: name, cluster token, peer URLs, member and cluster ID.
+    pub const MEMBER: &[u8] = b"member";
+    /// The last snapshot's metadata and data.
+    pub const SNAPSHOT: &[u8] = b"snapshot";
+}
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// RocksDB could not be opened at the data dir.
+    #[error("failed to open rocksdb at {path}: {source}")]
+    Open {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: rocksdb::Error,
+    },
+    /// A read or write failed.
+    #[error("rocksdb {operation} failed: {source}")]
+    Io {
+        /// What was attempted.
+        operation: &'static str,
+        /// Why it failed.
+        source: rocksdb::Error,
+    },
+}
+
+/// The member's RocksDB with its named column families.
+pub struct Storage {
+    db: DB,
+    path: PathBuf,
+}
+
+impl Storage {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Arc<Storage>, Error> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_max_background_jobs(2);
+        options.set_keep_log_file_num(3);
+        options.set_max_total_wal_size(256 << 20);
+
+        let descriptors = COLUMN_FAMILIES.iter().map(|name| {
+            let mut cf_options = Options::default();
+            cf_options.set_write_buffer_size(32 << 20);
+            if *name == CF_KV {
+                cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            } else {
+                cf_options.set_compression_type(rocksdb::DBCompressionType::None);
+            }
+            ColumnFamilyDescriptor::new(*name, cf_options)
+        });
+        let db =
+            DB::open_cf_descriptors(&options, dir, descriptors).map_err(|source| Error::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Arc::new(Storage {
+            db,
+            path: dir.to_path_buf(),
+        }))
+    }
+
+    /// The directory the database lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The handle of a column family created at open.
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created when the database is opened")
+    }
+
+    /// The raw database, for iterators and snapshots.
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    /// Reads one value.
+    pub fn get(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.db
+            .get_cf(self.cf(cf), key)
+            .map_err(|source| Error::Io {
+                operation: "get",
+                source,
+            })
+    }
+
+    /// Writes a batch; with `sync` the WAL is fsynced before returning.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), Error> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|source| Error::Io {
+                operation: "write",
+                source,
+            })
+    }
+
+    /// Total bytes the database occupies: SST files, memtables and WAL-backed data.
+    pub fn size_bytes(&self) -> u64 {
+        let mut total = 0;
+        for name in COLUMN_FAMILIES {
+            let cf = self.cf(name);
+            for property in [
+                "rocksdb.total-sst-files-size",
+                "rocksdb.cur-size-all-mem-tables",
+            ] {
+                total += self
+                    .db
+                    .property_int_value_cf(cf, property)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+            }
+        }
+        total
+    }
+
+    /// Bytes of live data, an estimate: what compaction would keep.
+    pub fn size_in_use_bytes(&self) -> u64 {
+        let mut total = 0;
+        for name in COLUMN_FAMILIES {
+            let cf = self.cf(name);
+            for property in [
+                "rocksdb.estimate-live-data-size",
+                "rocksdb.cur-size-all-mem-tables",
+            ] {
+                total += self
+                    .db
+                    .property_int_value_cf(cf, property)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+            }
+        }
+        total
+    }
+
+    /// Compacts every column family to reclaim the space of deleted data.
+    pub fn defragment(&self) {
+        for name in COLUMN_FAMILIES {
+            self.db
+                .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+}
