@@ -146,9 +146,7 @@ impl EtcdServer {
                 identity
             }
             None => {
-                let members = config
-                    .initial_cluster_members()
-                    .map_err(Error::Raft)?;
+                let members = config.initial_cluster_members().map_err(Error::Raft)?;
                 let peer_urls = config.initial_advertise_peer_urls.strings();
                 let token = &config.initial_cluster_token;
                 let member_id = crate::ids::member_id(&peer_urls, token);
@@ -301,6 +299,14 @@ impl EtcdServer {
             member_id: self.identity.member_id,
             revision,
             raft_term: self.raft.metrics().borrow().current_term,
+        })
+    }
+
+    /// A header without a revision, as etcd sends for Cluster responses.
+    pub fn membership_header(&self) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            revision: 0,
+            ..self.header(0).expect("header is always built")
         })
     }
 

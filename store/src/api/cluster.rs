@@ -62,7 +62,7 @@ impl Cluster for ClusterService {
             self.server.linearizable_read().await?;
         }
         Ok(Response::new(MemberListResponse {
-            header: self.server.header(0),
+            header: self.server.membership_header(),
             members: self.server.members(),
         }))
     }

@@ -105,6 +105,11 @@ impl KeyRange {
     }
 }
 
+/// The revision of an empty store.
+pub const INITIAL_REVISION: i64 = 1;
+/// The compaction revision of a store never compacted.
+const NEVER_COMPACTED: i64 = -1;
+
 /// The in-memory index and the revision counters, guarded together.
 #[derive(Default)]
 struct IndexState {
@@ -313,15 +318,16 @@ pub fn range(view: &impl ReadView, request: &RangeRequest) -> Result<RangeRespon
 /// Reads the revision counters and rebuilds the key index from stored history.
 fn load_state(storage: &Storage) -> Result<IndexState, Error> {
     let mut state = IndexState::default();
-
-    let read_i64 = |key: &[u8]| -> Result<i64, Error> {
+    let read_i64 = |key: &[u8], default: i64| -> Result<i64, Error> {
         Ok(storage
             .get(CF_META, key)?
             .and_then(|bytes| bytes.try_into().ok().map(i64::from_be_bytes))
-            .unwrap_or(0))
+            .unwrap_or(default))
     };
-    state.compact_revision = read_i64(meta_key::COMPACT_REVISION)?;
-    state.current_revision = read_i64(meta_key::CURRENT_REVISION)?;
+    // As in etcd, an empty store is at revision 1 (the first write makes revision 2)
+    // and has never been compacted.
+    state.compact_revision = read_i64(meta_key::COMPACT_REVISION, NEVER_COMPACTED)?;
+    state.current_revision = read_i64(meta_key::CURRENT_REVISION, INITIAL_REVISION)?;
     let iterator = storage
         .db()
         .iterator_cf(storage.cf(CF_KV), rocksdb::IteratorMode::Start);
@@ -590,25 +596,27 @@ mod tests {
     #[test]
     fn revisions_versions_and_history() {
         let (_dir, mvcc) = open();
-        assert_eq!(put(&mvcc, "a", "1"), 1);
-        assert_eq!(put(&mvcc, "a", "2"), 2);
+        assert_eq!(mvcc.current_revision(), INITIAL_REVISION);
+        assert_eq!(put(&mvcc, "a", "1"), 2);
+        assert_eq!(put(&mvcc, "a", "2"), 3);
         let kv = get_at(&mvcc, "a", 0).unwrap().unwrap();
-        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 2, 2));
-        assert_eq!(get_at(&mvcc, "a", 1).unwrap().unwrap().value, b"1");
+        assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (2, 3, 2));
+        assert_eq!(get_at(&mvcc, "a", 2).unwrap().unwrap().value, b"1");
+        assert!(get_at(&mvcc, "a", 1).unwrap().is_none());
         assert!(matches!(
-            get_at(&mvcc, "a", 3),
+            get_at(&mvcc, "a", 4),
             Err(Error::Etcd(EtcdError::FutureRev))
         ));
 
         let mut writer = mvcc.write();
         let deleted = writer.delete_range(&KeyRange::new(b"a", b"")).unwrap();
         assert_eq!(deleted.len(), 1);
-        assert_eq!(writer.end_revision(), 3);
+        assert_eq!(writer.end_revision(), 4);
         writer.commit().unwrap();
         assert!(get_at(&mvcc, "a", 0).unwrap().is_none());
-        assert_eq!(put(&mvcc, "a", "3"), 4);
+        assert_eq!(put(&mvcc, "a", "3"), 5);
         let kv = get_at(&mvcc, "a", 0).unwrap().unwrap();
-        assert_eq!((kv.create_revision, kv.version), (4, 1));
+        assert_eq!((kv.create_revision, kv.version), (5, 1));
     }
 
     #[test]
@@ -624,17 +632,18 @@ mod tests {
             writer.end_revision();
             writer.commit().unwrap();
             put(&mvcc, "c", "1");
+            // History: a@2, a@3, b@4, b deleted@5, c@6.
             let mut writer = mvcc.write();
-            writer.compact(4).unwrap();
+            writer.compact(5).unwrap();
             writer.commit().unwrap();
             assert!(matches!(
-                get_at(&mvcc, "a", 3),
+                get_at(&mvcc, "a", 4),
                 Err(Error::Etcd(EtcdError::Compacted))
             ));
-            assert_eq!(get_at(&mvcc, "a", 4).unwrap().unwrap().value, b"2");
+            assert_eq!(get_at(&mvcc, "a", 5).unwrap().unwrap().value, b"2");
             let mut writer = mvcc.write();
             assert!(matches!(
-                writer.compact(4),
+                writer.compact(5),
                 Err(Error::Etcd(EtcdError::Compacted))
             ));
             assert!(matches!(
@@ -643,23 +652,23 @@ mod tests {
             ));
         }
         let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
-        assert_eq!(mvcc.current_revision(), 5);
-        assert_eq!(mvcc.compact_revision(), 4);
+        assert_eq!(mvcc.current_revision(), 6);
+        assert_eq!(mvcc.compact_revision(), 5);
         let kv = get_at(&mvcc, "a", 0).unwrap().unwrap();
         assert_eq!(
             (kv.value.as_slice(), kv.create_revision, kv.version),
-            (&b"2"[..], 1, 2)
+            (&b"2"[..], 2, 2)
         );
         assert!(get_at(&mvcc, "b", 0).unwrap().is_none());
         assert_eq!(mvcc.live_keys(), 2);
-        // Only a@2 and c@5 remain on disk: a@1, b@3 and its tombstone are gone.
+        // Only a@3 and c@6 remain on disk: a@2, b@4 and its tombstone are gone.
         let stored = mvcc
             .storage()
             .db()
             .iterator_cf(mvcc.storage().cf(CF_KV), rocksdb::IteratorMode::Start)
             .count();
         assert_eq!(stored, 2);
-        assert_eq!(put(&mvcc, "a", "3"), 6);
+        assert_eq!(put(&mvcc, "a", "3"), 7);
         assert_eq!(get_at(&mvcc, "a", 0).unwrap().unwrap().version, 3);
     }
 

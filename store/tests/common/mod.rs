@@ -1,0 +1,239 @@
+//! Shared harness for integration tests: start kvstore or Debian's etcd on free
+//! loopback ports in a temp dir, run etcdctl against them, stop them on drop.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The Debian etcd server the tests compare against.
+pub const ETCD: &str = "/usr/bin/etcd";
+/// The Debian etcdctl the tests drive both servers with.
+pub const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Which server a [`Server`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Our server.
+    Kvstore,
+    /// Debian's etcd.
+    Etcd,
+}
+
+/// A running server process.
+pub struct Server {
+    pub kind: Kind,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+    log: PathBuf,
+}
+
+fn require(path: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: run scripts/deps (the README's test command does) to install Debian's etcd-server and etcd-client"
+    );
+}
+
+impl Server {
+    /// Starts `kind` with a fresh data dir.
+    pub fn start(kind: Kind) -> Server {
+        Server::start_with(kind, &[])
+    }
+
+    /// Starts `kind` with a fresh data dir and extra flags.
+    pub fn start_with(kind: Kind, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let mut server = Server {
+            kind,
+            client_port: 0,
+            peer_port: 0,
+            data_dir,
+            child: None,
+            log: dir.path().join("server.log"),
+            _dir: Some(dir),
+        };
+        server.launch(extra);
+        server
+    }
+
+    /// The binary for `kind`.
+    pub fn binary(kind: Kind) -> &'static str {
+        match kind {
+            Kind::Kvstore => env!("CARGO_BIN_EXE_kvstore"),
+            Kind::Etcd => {
+                require(ETCD);
+                ETCD
+            }
+        }
+    }
+
+    fn launch(&mut self, extra: &[&str]) {
+        for _attempt in 0..5 {
+            if self.client_port == 0 {
+                self.client_port = free_port();
+                self.peer_port = free_port();
+            }
+            let client = format!("http://127.0.0.1:{}", self.client_port);
+            let peer = format!("http://127.0.0.1:{}", self.peer_port);
+            let log = std::fs::File::create(&self.log).expect("log file");
+            let mut command = Command::new(Server::binary(self.kind));
+            command
+                .arg("--name=test")
+                .arg(format!("--data-dir={}", self.data_dir.display()))
+                .arg(format!("--listen-client-urls={client}"))
+                .arg(format!("--advertise-client-urls={client}"))
+                .arg(format!("--listen-peer-urls={peer}"))
+                .arg(format!("--initial-advertise-peer-urls={peer}"))
+                .arg(format!("--initial-cluster=test={peer}"))
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log);
+            if self.kind == Kind::Etcd {
+                command.env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+            }
+            let child = command.spawn().expect("spawn server");
+            self.child = Some(child);
+            if self.wait_ready(Duration::from_secs(20)) {
+                return;
+            }
+            self.kill();
+            // The port may have been taken between choosing and binding: choose again.
+            self.client_port = 0;
+        }
+        panic!("{:?} did not start; log:\n{}", self.kind, self.log_text());
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return false;
+                }
+            }
+            let output = self.etcdctl(&["--command-timeout=1s", "endpoint", "health"]);
+            if output.status.success() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// The client endpoint, host:port.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Runs etcdctl against this server.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        self.etcdctl_with_input(args, None)
+    }
+
+    /// Runs etcdctl against this server with `input` on stdin.
+    pub fn etcdctl_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
+        require(ETCDCTL);
+        let mut command = Command::new(ETCDCTL);
+        command
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn etcdctl");
+        if let Some(input) = input {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin
+                .write_all(input.as_bytes())
+                .expect("write etcdctl stdin");
+        }
+        child.wait_with_output().expect("etcdctl output")
+    }
+
+    /// Kills the server with SIGKILL and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts the server on the same ports and data dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch(&[]);
+    }
+
+    /// What the server logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident memory of the server process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// stdout and stderr of an etcdctl run, without etcdctl's own retry log lines.
+pub fn text(output: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.starts_with("{\"level\""))
+        .collect();
+    format!(
+        "{}{}exit={}",
+        stdout,
+        if stderr.is_empty() {
+            String::new()
+        } else {
+            stderr.join("\n") + "\n"
+        },
+        output.status.code().unwrap_or(-1)
+    )
+}
