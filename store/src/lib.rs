@@ -11,6 +11,7 @@ pub mod error;
 pub mod ids;
 pub mod mvcc;
 pub mod pb;
+pub mod proposer;
 pub mod raft;
 pub mod server;
 pub mod storage;

@@ -7,7 +7,6 @@ use clap::Parser;
 use kvstore::config::{Config, LogLevel, MemberUrl};
 use kvstore::server::EtcdServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 fn init_logging(level: LogLevel) {
     let level = match level {
@@ -75,10 +74,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let mut shutdown = shutdown.clone();
         tracing::info!(%url, "serving client requests");
         serving.spawn(async move {
+            // Small responses must not wait for Nagle's algorithm.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = shutdown.wait_for(|stop| *stop).await;
                 })
                 .await

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::RaftError;
 use openraft::{BasicNode, ServerState};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -18,10 +18,11 @@ use crate::mvcc::Mvcc;
 use crate::pb::etcdserverpb::{Member, ResponseHeader};
 use crate::pb::kvstorepb::internal_raft_response::Response;
 use crate::pb::kvstorepb::InternalRaftRequest;
+use crate::proposer::{ProposeError, Proposer};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::{Raft, Request};
+use crate::raft::Raft;
 use crate::storage::{meta_key, Storage, WriteBatch, CF_META};
 
 /// Errors of starting or running the server.
@@ -92,6 +93,7 @@ pub struct Limits {
 /// A running member.
 pub struct EtcdServer {
     raft: Raft,
+    proposer: Proposer,
     mvcc: Arc<Mvcc>,
     storage: Arc<Storage>,
     identity: Identity,
@@ -229,6 +231,7 @@ impl EtcdServer {
         }
 
         let server = Arc::new(EtcdServer {
+            proposer: Proposer::start(raft.clone()),
             raft,
             mvcc,
             storage,
@@ -322,30 +325,13 @@ impl EtcdServer {
         if request.encoded_len() > self.limits.max_request_bytes {
             return Err(EtcdError::RequestTooLarge.into());
         }
-        let written =
-            self.raft
-                .client_write(Request(request))
-                .await
-                .map_err(|error| match error {
-                    RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
-                        if forward.leader_id.is_some() {
-                            Error::Etcd(EtcdError::NotLeader)
-                        } else {
-                            Error::Etcd(EtcdError::NoLeader)
-                        }
-                    }
-                    RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                        Error::Raft(e.to_string())
-                    }
-                    RaftError::Fatal(_) => Error::Etcd(EtcdError::Stopped),
-                })?;
-        match written.data.0.response {
-            Some(Response::Error(number)) => Err(EtcdError::from_number(number)
-                .unwrap_or(EtcdError::NotCapable)
-                .into()),
-            Some(response) => Ok(response),
-            None => Err(Error::Raft("applied entry produced no response".into())),
-        }
+        self.proposer
+            .propose(request)
+            .await
+            .map_err(|error| match error {
+                ProposeError::Etcd(error) => Error::Etcd(error),
+                ProposeError::Raft(message) => Error::Raft(message),
+            })
     }
 
     /// Waits until this member has applied everything committed before the call, as

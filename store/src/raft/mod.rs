@@ -13,7 +13,7 @@ use std::io::Cursor;
 use prost::Message;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::pb::kvstorepb::{InternalRaftRequest, InternalRaftResponse};
+use crate::pb::kvstorepb::{RaftBatch, RaftBatchResponse};
 
 openraft::declare_raft_types!(
     /// kvstore's Raft types: etcd member IDs as node IDs, protobuf payloads.
@@ -38,13 +38,13 @@ pub type StorageError = openraft::StorageError<u64>;
 /// A membership as stored with the applied state.
 pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
 
-/// A proposal: the protobuf request, serialized as its protobuf bytes.
+/// A log entry's payload: a batch of client mutations, serialized as protobuf bytes.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Request(pub InternalRaftRequest);
+pub struct Request(pub RaftBatch);
 
-/// What applying a proposal produced, serialized as its protobuf bytes.
+/// What applying a batch produced, one result per mutation, as protobuf bytes.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Response(pub InternalRaftResponse);
+pub struct Response(pub RaftBatchResponse);
 
 fn serialize_message<S: Serializer, M: Message>(
     message: &M,
@@ -117,16 +117,18 @@ pub(crate) fn io_error<E: std::error::Error + 'static>(
 mod tests {
     use super::*;
     use crate::pb::etcdserverpb::PutRequest;
-    use crate::pb::kvstorepb::internal_raft_request;
+    use crate::pb::kvstorepb::{internal_raft_request, InternalRaftRequest};
 
     #[test]
     fn request_survives_entry_encoding() {
-        let request = Request(InternalRaftRequest {
-            request: Some(internal_raft_request::Request::Put(PutRequest {
-                key: b"k".to_vec(),
-                value: vec![0, 1, 2, 255],
-                ..Default::default()
-            })),
+        let request = Request(RaftBatch {
+            requests: vec![InternalRaftRequest {
+                request: Some(internal_raft_request::Request::Put(PutRequest {
+                    key: b"k".to_vec(),
+                    value: vec![0, 1, 2, 255],
+                    ..Default::default()
+                })),
+            }],
         });
         let entry = Entry {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 7), 42),

@@ -16,7 +16,7 @@ use super::{
     decode, encode, io_error, Entry, LogId, Response, StorageError, StoredMembership, TypeConfig,
 };
 use crate::mvcc::Mvcc;
-use crate::pb::kvstorepb::InternalRaftResponse;
+use crate::pb::kvstorepb::RaftBatchResponse;
 use crate::storage::{meta_key, WriteBatch, CF_KV, CF_META};
 
 /// What a snapshot carries besides openraft's metadata: every stored MVCC record.
@@ -173,16 +173,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         for entry in entries {
             last_applied = Some(*entry.get_log_id());
-            let response = match &entry.payload {
-                EntryPayload::Blank => InternalRaftResponse::default(),
-                EntryPayload::Normal(request) => crate::apply::apply(&mut writer, &request.0)
-                    .map_err(|e| sm_error(ErrorVerb::Write, &e))?,
+            let mut results = Vec::new();
+            match &entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(batch) => {
+                    for request in &batch.0.requests {
+                        let result = crate::apply::apply(&mut writer, request);
+                        results.push(result.map_err(|e| sm_error(ErrorVerb::Write, &e))?);
+                    }
+                }
                 EntryPayload::Membership(config) => {
                     membership = StoredMembership::new(last_applied, config.clone());
-                    InternalRaftResponse::default()
                 }
-            };
-            responses.push(Response(response));
+            }
+            responses.push(Response(RaftBatchResponse { responses: results }));
         }
         record_applied(writer.batch(), mvcc, &last_applied, &membership);
         writer
