@@ -16,11 +16,56 @@ use parking_lot::Mutex;
 use super::{decode, encode, io_error, Entry, LogId, StorageError, TypeConfig};
 use crate::storage::{raft_meta_key, Storage, WriteBatch, CF_RAFT_LOG, CF_RAFT_META};
 
-/// Entries kept in memory after they are flushed, for readers close behind the tail.
-const FLUSHED_ENTRIES_KEPT: u64 = 4096;
+/// Flushed entries stay in memory for readers close behind the tail (apply,
+/// replication), up to this many entries and this many encoded bytes.
+const FLUSHED_ENTRIES_KEPT: usize = 1024;
+const FLUSHED_BYTES_KEPT: usize = 8 << 20;
 
 fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
+}
+
+/// Recent entries with their encoded sizes.
+#[derive(Default)]
+struct Cache {
+    entries: BTreeMap<u64, (Entry, usize)>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn insert(&mut self, index: u64, entry: Entry, size: usize) {
+        if let Some((_, old)) = self.entries.insert(index, (entry, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+    }
+
+    /// Drops entries from `index` on.
+    fn truncate(&mut self, index: u64) {
+        for (_, (_, size)) in self.entries.split_off(&index) {
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops entries up to and including `index`.
+    fn purge(&mut self, index: u64) {
+        let kept = self.entries.split_off(&(index + 1));
+        let dropped = std::mem::replace(&mut self.entries, kept);
+        self.bytes -= dropped.values().map(|(_, size)| size).sum::<usize>();
+    }
+
+    /// Drops the oldest flushed entries beyond the memory budget.
+    fn trim(&mut self, flushed: u64) {
+        while let Some((&first, (_, size))) = self.entries.first_key_value() {
+            let over_budget =
+                self.entries.len() > FLUSHED_ENTRIES_KEPT || self.bytes > FLUSHED_BYTES_KEPT;
+            if first > flushed || !over_budget {
+                break;
+            }
+            self.bytes -= *size;
+            self.entries.pop_first();
+        }
+    }
 }
 
 enum WriterCommand {
@@ -35,7 +80,7 @@ enum WriterCommand {
 struct Shared {
     storage: Arc<Storage>,
     /// A suffix of the log: every entry not yet flushed, and recent flushed ones.
-    cache: Mutex<BTreeMap<u64, Entry>>,
+    cache: Mutex<Cache>,
     writer: Mutex<mpsc::Sender<WriterCommand>>,
 }
 
@@ -51,7 +96,7 @@ impl LogStore {
         let (sender, receiver) = mpsc::channel();
         let shared = Arc::new(Shared {
             storage,
-            cache: Mutex::new(BTreeMap::new()),
+            cache: Mutex::new(Cache::default()),
             writer: Mutex::new(sender),
         });
         let weak = Arc::downgrade(&shared);
@@ -156,14 +201,7 @@ fn writer_loop(shared: std::sync::Weak<Shared>, receiver: mpsc::Receiver<WriterC
                 .map_err(std::io::Error::other)
         };
         if let (Ok(()), Some(last_index)) = (&result, last_index) {
-            let mut cache = shared.cache.lock();
-            let keep_from = last_index.saturating_sub(FLUSHED_ENTRIES_KEPT);
-            while let Some((&first, _)) = cache.first_key_value() {
-                if first >= keep_from {
-                    break;
-                }
-                cache.pop_first();
-            }
+            shared.cache.lock().trim(last_index);
         }
         for command in commands {
             match command {
@@ -200,11 +238,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // Cached entries first: anything older than the cache is already on disk.
         let (cached, cache_start) = {
             let cache = self.shared.cache.lock();
-            let cache_start = cache.first_key_value().map(|(index, _)| *index);
+            let cache_start = cache.entries.first_key_value().map(|(index, _)| *index);
             let upper = end.map_or(Bound::Unbounded, Bound::Excluded);
             let cached: Vec<Entry> = cache
+                .entries
                 .range((Bound::Included(start), upper))
-                .map(|(_, e)| e.clone())
+                .map(|(_, (entry, _))| entry.clone())
                 .collect();
             (cached, cache_start)
         };
@@ -247,8 +286,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .shared
             .cache
             .lock()
+            .entries
             .last_key_value()
-            .map(|(_, e)| *e.get_log_id());
+            .map(|(_, (entry, _))| *entry.get_log_id());
         let last = match cached_last {
             Some(last) => Some(last),
             None => self.last_stored()?,
@@ -301,8 +341,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut cache = self.shared.cache.lock();
             for entry in entries {
                 let index = entry.get_log_id().index;
-                batch.push((index, encode(&entry)));
-                cache.insert(index, entry);
+                let bytes = encode(&entry);
+                cache.insert(index, entry, bytes.len());
+                batch.push((index, bytes));
             }
         }
         self.send(WriterCommand::Append { batch, callback })
@@ -310,7 +351,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.barrier()?;
-        self.shared.cache.lock().split_off(&log_id.index);
+        self.shared.cache.lock().truncate(log_id.index);
         let storage = &self.shared.storage;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
@@ -325,11 +366,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.barrier()?;
-        {
-            let mut cache = self.shared.cache.lock();
-            let kept = cache.split_off(&(log_id.index + 1));
-            *cache = kept;
-        }
+        self.shared.cache.lock().purge(log_id.index);
         let storage = &self.shared.storage;
         let mut batch = WriteBatch::default();
         batch.put_cf(
