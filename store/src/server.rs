@@ -124,6 +124,30 @@ fn open_data_dir(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Asks Raft for a snapshot (which lets it purge the log behind it) once
+/// `snapshot_count` client requests were applied since the last one, as etcd's
+/// `--snapshot-count` does. Ends with the server.
+async fn trigger_snapshots(
+    server: std::sync::Weak<EtcdServer>,
+    requests_since_snapshot: Arc<std::sync::atomic::AtomicU64>,
+    snapshot_count: u64,
+) {
+    let mut interval = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        interval.tick().await;
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        if requests_since_snapshot.load(std::sync::atomic::Ordering::Relaxed) >= snapshot_count {
+            // Reset here too, so a slow build is not asked for again at every tick.
+            requests_since_snapshot.store(0, std::sync::atomic::Ordering::Relaxed);
+            if server.raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 impl EtcdServer {
     /// Opens the data dir, recovers state from disk and starts Raft. A fresh data dir
     /// bootstraps a one-member cluster.
@@ -182,7 +206,9 @@ impl EtcdServer {
             heartbeat_interval: config.heartbeat_interval,
             election_timeout_min: config.election_timeout,
             election_timeout_max: config.election_timeout * 2,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+            // Snapshots follow applied client requests (see `trigger_snapshots`), not
+            // log entries: one entry carries a whole batch.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: 5000,
             enable_tick: true,
             ..Default::default()
@@ -191,8 +217,9 @@ impl EtcdServer {
         .map_err(|e| Error::Raft(e.to_string()))?;
 
         let log_store = LogStore::open(storage.clone());
-        let state_machine =
-            StateMachine::open(mvcc.clone()).map_err(|e| Error::Raft(e.to_string()))?;
+        let state_machine = StateMachine::open(mvcc.clone(), data_dir.join("snap"))
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        let requests_since_snapshot = state_machine.requests_since_snapshot();
         let raft = Raft::new(
             identity.member_id,
             Arc::new(raft_config),
@@ -244,6 +271,11 @@ impl EtcdServer {
                 quota_backend_bytes: config.quota_backend_bytes(),
             },
         });
+        tokio::spawn(trigger_snapshots(
+            Arc::downgrade(&server),
+            requests_since_snapshot,
+            config.snapshot_count,
+        ));
         server
             .wait_for_leader(Duration::from_millis(config.election_timeout * 4))
             .await;

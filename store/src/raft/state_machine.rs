@@ -1,8 +1,13 @@
 //! The Raft state machine: applies committed entries through the apply layer into the
-//! MVCC store, records the applied log id and membership in the same RocksDB batch,
-//! and builds and installs snapshots of the whole key-value state.
+//! MVCC store, recording the applied log id and membership in the same RocksDB batch.
+//!
+//! Snapshots are RocksDB checkpoints (hard links, so building one costs little memory
+//! or disk) taken while apply is paused. A snapshot is turned into a stream of MVCC
+//! records only when a peer needs it, and installing one replaces the MVCC history.
 
-use std::io::Cursor;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
@@ -17,27 +22,37 @@ use super::{
 };
 use crate::mvcc::Mvcc;
 use crate::pb::kvstorepb::RaftBatchResponse;
-use crate::storage::{meta_key, WriteBatch, CF_KV, CF_META};
+use crate::storage::{meta_key, Storage, WriteBatch, CF_KV, CF_META};
 
-/// What a snapshot carries besides openraft's metadata: every stored MVCC record.
+/// The data of a snapshot in transfer: a file of MVCC records.
+pub type SnapshotFile = tokio::fs::File;
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSNAP01";
+/// Records per RocksDB batch while a snapshot stream is read.
+const INSTALL_BATCH_BYTES: usize = 16 << 20;
+
+/// The snapshot that is current: its metadata and the checkpoint holding its state.
 #[derive(Serialize, Deserialize)]
-struct SnapshotPayload {
-    records: Vec<(Vec<u8>, Vec<u8>)>,
-    compact_revision: i64,
-    current_revision: i64,
+struct CurrentSnapshot {
+    meta: SnapshotMeta<u64, openraft::BasicNode>,
+    checkpoint: String,
 }
 
+/// The head of a snapshot stream, before its records.
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<u64, openraft::BasicNode>,
-    data: Vec<u8>,
+struct StreamHeader {
+    compact_revision: i64,
+    current_revision: i64,
 }
 
 /// Applied state shared between the state machine and its snapshot builders.
 struct Shared {
     mvcc: Arc<Mvcc>,
     applied: Mutex<(Option<LogId>, StoredMembership)>,
-    snapshot_sequence: std::sync::atomic::AtomicU64,
+    snapshot_dir: PathBuf,
+    snapshot_sequence: AtomicU64,
+    /// Client requests applied since the last snapshot, for `--snapshot-count`.
+    requests_since_snapshot: Arc<AtomicU64>,
 }
 
 /// The state machine handed to openraft.
@@ -50,9 +65,14 @@ fn sm_error<E: std::error::Error + 'static>(verb: ErrorVerb, error: &E) -> Stora
     io_error(ErrorSubject::StateMachine, verb, error)
 }
 
+fn snapshot_error<E: std::error::Error + 'static>(verb: ErrorVerb, error: &E) -> StorageError {
+    io_error(ErrorSubject::Snapshot(None), verb, error)
+}
+
 impl StateMachine {
     /// Opens the state machine over `mvcc`, reading the applied state it recorded.
-    pub fn open(mvcc: Arc<Mvcc>) -> Result<StateMachine, StorageError> {
+    /// Snapshot checkpoints live under `snapshot_dir`.
+    pub fn open(mvcc: Arc<Mvcc>, snapshot_dir: PathBuf) -> Result<StateMachine, StorageError> {
         let storage = mvcc.storage().clone();
         let read = |key: &[u8]| {
             storage
@@ -67,11 +87,14 @@ impl StateMachine {
             Some(bytes) => decode(&bytes, ErrorSubject::StateMachine)?,
             None => StoredMembership::default(),
         };
+        std::fs::create_dir_all(&snapshot_dir).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 mvcc,
                 applied: Mutex::new((last_applied, membership)),
-                snapshot_sequence: Default::default(),
+                snapshot_dir,
+                snapshot_sequence: AtomicU64::new(0),
+                requests_since_snapshot: Arc::default(),
             }),
         })
     }
@@ -79,6 +102,61 @@ impl StateMachine {
     /// The MVCC store this state machine applies to.
     pub fn mvcc(&self) -> &Arc<Mvcc> {
         &self.shared.mvcc
+    }
+
+    /// A counter of client requests applied since the last snapshot.
+    pub fn requests_since_snapshot(&self) -> Arc<AtomicU64> {
+        self.shared.requests_since_snapshot.clone()
+    }
+
+    fn current(&self) -> Result<Option<CurrentSnapshot>, StorageError> {
+        let storage = self.shared.mvcc.storage();
+        match storage
+            .get(CF_META, meta_key::SNAPSHOT)
+            .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?
+        {
+            Some(bytes) => decode(&bytes, ErrorSubject::Snapshot(None)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Checkpoints the current state as the snapshot `meta` describes, makes it the
+    /// current snapshot and removes older checkpoints. Apply must be paused (the caller
+    /// holds the MVCC read view) so that state and `meta` agree.
+    fn checkpoint(
+        &self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+    ) -> Result<(), StorageError> {
+        let storage = self.shared.mvcc.storage();
+        let name = format!("checkpoint-{}", meta.snapshot_id);
+        let path = self.shared.snapshot_dir.join(&name);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        }
+        storage
+            .checkpoint(&path)
+            .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        let current = CurrentSnapshot {
+            meta: meta.clone(),
+            checkpoint: name.clone(),
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(storage.cf(CF_META), meta_key::SNAPSHOT, encode(&current));
+        storage
+            .write(batch, true)
+            .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        // Older checkpoints are no longer needed by anyone.
+        if let Ok(entries) = std::fs::read_dir(&self.shared.snapshot_dir) {
+            for entry in entries.flatten() {
+                let file_name = entry.file_name();
+                if file_name.to_string_lossy().starts_with("checkpoint-")
+                    && file_name != name.as_str()
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -93,64 +171,93 @@ fn record_applied(
     batch.put_cf(cf, meta_key::MEMBERSHIP, encode(membership));
 }
 
+fn write_frame(writer: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
+    writer.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    writer.write_all(bytes)
+}
+
+/// Reads one length-prefixed frame; None at a clean end of stream.
+fn read_frame(reader: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+    let mut length = [0u8; 4];
+    match reader.read_exact(&mut length) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let mut bytes = vec![0u8; u32::from_be_bytes(length) as usize];
+    reader.read_exact(&mut bytes)?;
+    Ok(Some(bytes))
+}
+
+/// Writes the MVCC records of the checkpoint at `checkpoint` to a stream file at `path`.
+fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs::File> {
+    let storage = Storage::open_checkpoint(checkpoint).map_err(std::io::Error::other)?;
+    let read_i64 = |key: &[u8]| -> std::io::Result<i64> {
+        Ok(storage
+            .get(CF_META, key)
+            .map_err(std::io::Error::other)?
+            .and_then(|bytes| bytes.try_into().ok().map(i64::from_be_bytes))
+            .unwrap_or(0))
+    };
+    let header = StreamHeader {
+        compact_revision: read_i64(meta_key::COMPACT_REVISION)?,
+        current_revision: read_i64(meta_key::CURRENT_REVISION)?,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut writer = BufWriter::new(file);
+    writer.write_all(SNAPSHOT_MAGIC)?;
+    write_frame(&mut writer, &encode(&header))?;
+    for item in storage
+        .db()
+        .iterator_cf(storage.cf(CF_KV), rocksdb::IteratorMode::Start)
+    {
+        let (key, value) = item.map_err(std::io::Error::other)?;
+        write_frame(&mut writer, &key)?;
+        write_frame(&mut writer, &value)?;
+    }
+    let file = writer.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file)
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let mvcc = &self.shared.mvcc;
-        // The read view blocks apply, so records and applied state agree.
-        let (payload, last_applied, membership) = {
-            let view = mvcc.read();
+        let meta = {
+            // The read view pauses apply, so the checkpoint matches the applied state.
+            let _view = self.shared.mvcc.read();
             let (last_applied, membership) = self.shared.applied.lock().clone();
-            let storage = mvcc.storage();
-            let mut records = Vec::new();
-            for item in storage
-                .db()
-                .iterator_cf(storage.cf(CF_KV), rocksdb::IteratorMode::Start)
-            {
-                let (key, value) = item.map_err(|e| sm_error(ErrorVerb::Read, &e))?;
-                records.push((key.to_vec(), value.to_vec()));
-            }
-            use crate::mvcc::ReadView;
-            let payload = SnapshotPayload {
-                records,
-                compact_revision: view.compact_revision(),
-                current_revision: view.current_revision(),
+            let sequence = self
+                .shared
+                .snapshot_sequence
+                .fetch_add(1, Ordering::Relaxed);
+            let snapshot_id = match &last_applied {
+                Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence),
+                None => format!("0-0-{sequence}"),
             };
-            (payload, last_applied, membership)
+            let meta = SnapshotMeta {
+                last_log_id: last_applied,
+                last_membership: membership,
+                snapshot_id,
+            };
+            self.checkpoint(&meta)?;
+            self.shared
+                .requests_since_snapshot
+                .store(0, Ordering::Relaxed);
+            meta
         };
-        let sequence = self
-            .shared
-            .snapshot_sequence
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let snapshot_id = match &last_applied {
-            Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, sequence),
-            None => format!("--{sequence}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: last_applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let data = encode(&payload);
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            mvcc.storage().cf(CF_META),
-            meta_key::SNAPSHOT,
-            encode(&stored),
-        );
-        mvcc.storage().write(batch, true).map_err(|e| {
-            io_error(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-                &e,
-            )
-        })?;
+        tracing::info!(snapshot_id = %meta.snapshot_id, "built snapshot");
+        let snapshot = self
+            .get_current_snapshot()
+            .await?
+            .expect("the snapshot just built is current");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: snapshot.snapshot,
         })
     }
 }
@@ -171,6 +278,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut writer = mvcc.write();
         let (mut last_applied, mut membership) = self.shared.applied.lock().clone();
         let mut responses = Vec::new();
+        let mut requests = 0;
         for entry in entries {
             last_applied = Some(*entry.get_log_id());
             let mut results = Vec::new();
@@ -181,6 +289,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         let result = crate::apply::apply(&mut writer, request);
                         results.push(result.map_err(|e| sm_error(ErrorVerb::Write, &e))?);
                     }
+                    requests += batch.0.requests.len() as u64;
                 }
                 EntryPayload::Membership(config) => {
                     membership = StoredMembership::new(last_applied, config.clone());
@@ -193,6 +302,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .commit()
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         *self.shared.applied.lock() = (last_applied, membership);
+        self.shared
+            .requests_since_snapshot
+            .fetch_add(requests, Ordering::Relaxed);
         Ok(responses)
     }
 
@@ -200,62 +312,134 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        let sequence = self
+            .shared
+            .snapshot_sequence
+            .fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .shared
+            .snapshot_dir
+            .join(format!("receiving-{sequence}.stream"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        // Unlinked at once: the open handle keeps the data until it is dropped.
+        let _ = std::fs::remove_file(&path);
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        let payload: SnapshotPayload =
-            decode(&data, ErrorSubject::Snapshot(Some(meta.signature())))?;
+        let signature = || ErrorSubject::Snapshot(Some(meta.signature()));
+        let mut file = snapshot.into_std().await;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
+        let mut reader = BufReader::new(file);
+        let mut magic = [0u8; 8];
+        reader
+            .read_exact(&mut magic)
+            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
+        if &magic != SNAPSHOT_MAGIC {
+            let error = std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a kvstore snapshot stream",
+            );
+            return Err(io_error(signature(), ErrorVerb::Read, &error));
+        }
+        let header_bytes = read_frame(&mut reader)
+            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?
+            .ok_or_else(|| {
+                io_error(
+                    signature(),
+                    ErrorVerb::Read,
+                    &std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                )
+            })?;
+        let header: StreamHeader = decode(&header_bytes, signature())?;
+
         let mvcc = &self.shared.mvcc;
         let storage = mvcc.storage();
-        let mut batch = WriteBatch::default();
         let kv = storage.cf(CF_KV);
+        let mut batch = WriteBatch::default();
         // Revision keys start with a non-negative big-endian i64, so all sort below 0xff.
         batch.delete_range_cf(kv, Vec::<u8>::new(), vec![0xffu8]);
-        for (key, value) in &payload.records {
+        let mut batch_bytes = 0;
+        loop {
+            let Some(key) =
+                read_frame(&mut reader).map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?
+            else {
+                break;
+            };
+            let value = read_frame(&mut reader)
+                .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?
+                .ok_or_else(|| {
+                    io_error(
+                        signature(),
+                        ErrorVerb::Read,
+                        &std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                    )
+                })?;
+            batch_bytes += key.len() + value.len();
             batch.put_cf(kv, key, value);
+            if batch_bytes > INSTALL_BATCH_BYTES {
+                // Not yet visible as applied: the applied log id is written last.
+                storage
+                    .write(std::mem::take(&mut batch), false)
+                    .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+                batch_bytes = 0;
+            }
         }
         let meta_cf = storage.cf(CF_META);
         batch.put_cf(
             meta_cf,
             meta_key::COMPACT_REVISION,
-            payload.compact_revision.to_be_bytes(),
+            header.compact_revision.to_be_bytes(),
         );
         batch.put_cf(
             meta_cf,
             meta_key::CURRENT_REVISION,
-            payload.current_revision.to_be_bytes(),
+            header.current_revision.to_be_bytes(),
         );
         record_applied(&mut batch, mvcc, &meta.last_log_id, &meta.last_membership);
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        batch.put_cf(meta_cf, meta_key::SNAPSHOT, encode(&stored));
         mvcc.replace(batch)
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
-        Ok(())
+        let _view = mvcc.read();
+        self.checkpoint(meta)
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let storage = self.shared.mvcc.storage();
-        let Some(bytes) = storage
-            .get(CF_META, meta_key::SNAPSHOT)
-            .map_err(|e| sm_error(ErrorVerb::Read, &e))?
-        else {
+        let Some(current) = self.current()? else {
             return Ok(None);
         };
-        let stored: StoredSnapshot = decode(&bytes, ErrorSubject::Snapshot(None))?;
+        let checkpoint = self.shared.snapshot_dir.join(&current.checkpoint);
+        let sequence = self
+            .shared
+            .snapshot_sequence
+            .fetch_add(1, Ordering::Relaxed);
+        let stream_path = self
+            .shared
+            .snapshot_dir
+            .join(format!("sending-{sequence}.stream"));
+        let signature = ErrorSubject::Snapshot(Some(current.meta.signature()));
+        let mut file = export_checkpoint(&checkpoint, &stream_path)
+            .map_err(|e| io_error(signature.clone(), ErrorVerb::Read, &e))?;
+        let _ = std::fs::remove_file(&stream_path);
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0))
+            .map_err(|e| io_error(signature, ErrorVerb::Read, &e))?;
         Ok(Some(Snapshot {
-            meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: current.meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         }))
     }
 }
@@ -264,7 +448,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
     use crate::raft::log_store::LogStore;
-    use crate::storage::Storage;
     use openraft::testing::{StoreBuilder, Suite};
 
     struct Builder;
@@ -272,14 +455,100 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().expect("temp dir");
-            let storage = Storage::open(dir.path()).expect("open storage");
+            let storage = Storage::open(&dir.path().join("member")).expect("open storage");
             let mvcc = Mvcc::open(storage.clone()).expect("open mvcc");
-            Ok((dir, LogStore::open(storage), StateMachine::open(mvcc)?))
+            let state_machine = StateMachine::open(mvcc, dir.path().join("snap"))?;
+            Ok((dir, LogStore::open(storage), state_machine))
         }
     }
 
     #[test]
     fn openraft_storage_suite() {
         Suite::test_all(Builder).unwrap();
+    }
+
+    fn put_entry(index: u64, key: &str, value: &str) -> Entry {
+        use crate::pb::etcdserverpb::PutRequest;
+        use crate::pb::kvstorepb::{internal_raft_request, InternalRaftRequest, RaftBatch};
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(super::super::Request(RaftBatch {
+                requests: vec![InternalRaftRequest {
+                    request: Some(internal_raft_request::Request::Put(PutRequest {
+                        key: key.into(),
+                        value: value.into(),
+                        ..Default::default()
+                    })),
+                }],
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshot_moves_history_to_another_member() {
+        let (_source_dir, _, mut source) = Builder.build().await.unwrap();
+        source
+            .apply([
+                put_entry(1, "a", "1"),
+                put_entry(2, "a", "2"),
+                put_entry(3, "b", "1"),
+            ])
+            .await
+            .unwrap();
+        let built = source
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(built.meta.last_log_id.unwrap().index, 3);
+        // Later writes do not leak into the snapshot taken before them.
+        source.apply([put_entry(4, "c", "1")]).await.unwrap();
+
+        let (_target_dir, _, mut target) = Builder.build().await.unwrap();
+        target.apply([put_entry(1, "stale", "x")]).await.unwrap();
+        let current = source.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, built.meta);
+        target
+            .install_snapshot(&current.meta, current.snapshot)
+            .await
+            .unwrap();
+
+        let (applied, _) = target.applied_state().await.unwrap();
+        assert_eq!(applied.unwrap().index, 3);
+        let view = target.mvcc().read();
+        let all = crate::mvcc::range(
+            &view,
+            &crate::pb::etcdserverpb::RangeRequest {
+                key: vec![0],
+                range_end: vec![0],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let pairs: Vec<(Vec<u8>, Vec<u8>, i64)> = all
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value, kv.version))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (b"a".to_vec(), b"2".to_vec(), 2),
+                (b"b".to_vec(), b"1".to_vec(), 1)
+            ]
+        );
+        // History came along: "a" at revision 2 (the first write) is readable.
+        let old = crate::mvcc::range(
+            &view,
+            &crate::pb::etcdserverpb::RangeRequest {
+                key: b"a".to_vec(),
+                revision: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(old.kvs[0].value, b"1");
+        assert_eq!(crate::mvcc::ReadView::current_revision(&view), 4);
     }
 }

@@ -182,6 +182,30 @@ impl Storage {
         total
     }
 
+    /// Writes a consistent copy of the whole database to `dir` (hard links where
+    /// possible, so it is cheap). `dir` must not exist yet.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), Error> {
+        rocksdb::checkpoint::Checkpoint::new(&self.db)
+            .and_then(|checkpoint| checkpoint.create_checkpoint(dir))
+            .map_err(|source| Error::Io {
+                operation: "checkpoint",
+                source,
+            })
+    }
+
+    /// Opens a checkpoint made by [`Storage::checkpoint`] read-only.
+    pub fn open_checkpoint(dir: &Path) -> Result<Storage, Error> {
+        let db = DB::open_cf_for_read_only(&Options::default(), dir, COLUMN_FAMILIES, false)
+            .map_err(|source| Error::Open {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Storage {
+            db,
+            path: dir.to_path_buf(),
+        })
+    }
+
     /// Compacts every column family to reclaim the space of deleted data.
     pub fn defragment(&self) {
         for name in COLUMN_FAMILIES {
