@@ -189,6 +189,11 @@ fn read_frame(reader: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
+/// Reads one length-prefixed frame that must be there.
+fn read_required_frame(reader: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    read_frame(reader)?.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+}
+
 /// Writes the MVCC records of the checkpoint at `checkpoint` to a stream file at `path`.
 fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs::File> {
     let storage = Storage::open_checkpoint(checkpoint).map_err(std::io::Error::other)?;
@@ -355,15 +360,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             );
             return Err(io_error(signature(), ErrorVerb::Read, &error));
         }
-        let header_bytes = read_frame(&mut reader)
-            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?
-            .ok_or_else(|| {
-                io_error(
-                    signature(),
-                    ErrorVerb::Read,
-                    &std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-                )
-            })?;
+        let header_bytes = read_required_frame(&mut reader)
+            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
         let header: StreamHeader = decode(&header_bytes, signature())?;
 
         let mvcc = &self.shared.mvcc;
@@ -373,21 +371,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Revision keys start with a non-negative big-endian i64, so all sort below 0xff.
         batch.delete_range_cf(kv, Vec::<u8>::new(), vec![0xffu8]);
         let mut batch_bytes = 0;
-        loop {
-            let Some(key) =
-                read_frame(&mut reader).map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?
-            else {
-                break;
-            };
-            let value = read_frame(&mut reader)
-                .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?
-                .ok_or_else(|| {
-                    io_error(
-                        signature(),
-                        ErrorVerb::Read,
-                        &std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-                    )
-                })?;
+        let read_error = |e: std::io::Error| io_error(signature(), ErrorVerb::Read, &e);
+        while let Some(key) = read_frame(&mut reader).map_err(read_error)? {
+            let value = read_required_frame(&mut reader).map_err(read_error)?;
             batch_bytes += key.len() + value.len();
             batch.put_cf(kv, key, value);
             if batch_bytes > INSTALL_BATCH_BYTES {
