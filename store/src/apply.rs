@@ -59,7 +59,12 @@ fn put(writer: &mut Writer<'_>, request: &PutRequest) -> Result<PutResponse, mvc
 }
 
 fn put_in_txn(writer: &mut Writer<'_>, request: &PutRequest) -> Result<PutResponse, mvcc::Error> {
-    let previous = writer.get(&request.key)?;
+    // The previous value is read only when the request needs it.
+    let previous = if request.prev_kv || request.ignore_value || request.ignore_lease {
+        writer.get(&request.key)?
+    } else {
+        None
+    };
     if (request.ignore_value || request.ignore_lease) && previous.is_none() {
         return Err(EtcdError::KeyNotFound.into());
     }
@@ -71,9 +76,9 @@ fn put_in_txn(writer: &mut Writer<'_>, request: &PutRequest) -> Result<PutRespon
         (Some(previous), true) => previous.lease,
         _ => request.lease,
     };
-    let written = writer.put(&request.key, value, lease)?;
+    let revision = writer.put(&request.key, value, lease)?;
     Ok(PutResponse {
-        header: header(written.mod_revision),
+        header: header(revision.main),
         prev_kv: if request.prev_kv { previous } else { None },
     })
 }

@@ -93,7 +93,10 @@ async fn run(raft: Raft, mut receiver: mpsc::UnboundedReceiver<(InternalRaftRequ
 async fn commit(raft: &Raft, batch: Vec<(InternalRaftRequest, Reply)>) {
     let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     let count = requests.len();
-    match raft.client_write(Request(RaftBatch { requests })).await {
+    match raft
+        .client_write(Request(Arc::new(RaftBatch { requests })))
+        .await
+    {
         Ok(written) => {
             let responses = written.data.0.responses;
             debug_assert_eq!(responses.len(), count);

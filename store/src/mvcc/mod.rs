@@ -437,17 +437,17 @@ impl Writer<'_> {
         }
     }
 
-    /// Writes `key` at the next change of the open revision; returns the new value.
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<KeyValue, Error> {
-        let previous = self.get(key)?;
+    /// Writes `key` at the next change of the open revision; returns its revision.
+    /// Creation revision and version come from the index: no value is read.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<Revision, Error> {
+        let at = self.current_revision();
+        let previous = self.state.keys.get(key).and_then(|index| index.get(at));
         let revision = self.next_revision();
         let kv = KeyValue {
             key: key.to_vec(),
-            create_revision: previous
-                .as_ref()
-                .map_or(revision.main, |p| p.create_revision),
+            create_revision: previous.map_or(revision.main, |p| p.created.main),
             mod_revision: revision.main,
-            version: previous.as_ref().map_or(1, |p| p.version + 1),
+            version: previous.map_or(1, |p| p.version + 1),
             value,
             lease,
         };
@@ -456,13 +456,17 @@ impl Writer<'_> {
             revision.to_key(false),
             kv.encode_to_vec(),
         );
-        self.state
-            .keys
-            .entry(key.to_vec())
-            .or_default()
-            .put(revision);
-        self.pending_values.insert(revision, kv.clone());
-        Ok(kv)
+        match self.state.keys.get_mut(key) {
+            Some(index) => index.put(revision),
+            None => self
+                .state
+                .keys
+                .entry(key.to_vec())
+                .or_default()
+                .put(revision),
+        }
+        self.pending_values.insert(revision, kv);
+        Ok(revision)
     }
 
     /// Deletes every live key in `range`; returns the deleted values.

@@ -37,8 +37,9 @@ pub type StorageError = openraft::StorageError<u64>;
 pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
 
 /// A log entry's payload: a batch of client mutations, serialized as protobuf bytes.
+/// Shared, because openraft clones entries between the log, replication and apply.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct Request(pub RaftBatch);
+pub struct Request(pub std::sync::Arc<RaftBatch>);
 
 /// What applying a batch produced, one result per mutation, as protobuf bytes.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -60,13 +61,13 @@ fn deserialize_message<'de, D: Deserializer<'de>, M: Message + Default>(
 
 impl Serialize for Request {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serialize_message(&self.0, serializer)
+        serialize_message(&*self.0, serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for Request {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_message(deserializer).map(Request)
+        deserialize_message(deserializer).map(|batch| Request(std::sync::Arc::new(batch)))
     }
 }
 
@@ -119,7 +120,7 @@ mod tests {
 
     #[test]
     fn request_survives_entry_encoding() {
-        let request = Request(RaftBatch {
+        let request = Request(std::sync::Arc::new(RaftBatch {
             requests: vec![InternalRaftRequest {
                 request: Some(internal_raft_request::Request::Put(PutRequest {
                     key: b"k".to_vec(),
@@ -127,7 +128,7 @@ mod tests {
                     ..Default::default()
                 })),
             }],
-        });
+        }));
         let entry = Entry {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 7), 42),
             payload: openraft::EntryPayload::Normal(request.clone()),

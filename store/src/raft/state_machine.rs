@@ -458,7 +458,7 @@ mod tests {
         use crate::pb::kvstorepb::{internal_raft_request, InternalRaftRequest, RaftBatch};
         Entry {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(super::super::Request(RaftBatch {
+            payload: EntryPayload::Normal(super::super::Request(Arc::new(RaftBatch {
                 requests: vec![InternalRaftRequest {
                     request: Some(internal_raft_request::Request::Put(PutRequest {
                         key: key.into(),
@@ -466,7 +466,7 @@ mod tests {
                         ..Default::default()
                     })),
                 }],
-            })),
+            }))),
         }
     }
 
