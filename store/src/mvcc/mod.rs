@@ -560,10 +560,11 @@ impl Writer<'_> {
         &mut self.batch
     }
 
-    /// Writes the batch (without fsync: the Raft log is the durable record and is
-    /// replayed after a crash) and makes the new revisions visible to readers.
+    /// Writes the batch, without the WAL: the Raft log is the durable record and
+    /// entries not yet flushed here are applied again after a crash (snapshots flush
+    /// before the log behind them is purged). Makes the new revisions visible.
     pub fn commit(self) -> Result<(), Error> {
-        self.storage.write(self.batch, false)?;
+        self.storage.write_unlogged(self.batch)?;
         Ok(())
     }
 }

@@ -81,6 +81,9 @@ impl Storage {
         options.set_max_background_jobs(2);
         options.set_keep_log_file_num(3);
         options.set_max_total_wal_size(256 << 20);
+        // State machine writes skip the WAL (the Raft log is their durable record);
+        // flushing all column families together keeps what survives a crash consistent.
+        options.set_atomic_flush(true);
 
         let descriptors = COLUMN_FAMILIES.iter().map(|name| {
             let mut cf_options = Options::default();
@@ -134,6 +137,20 @@ impl Storage {
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), Error> {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|source| Error::Io {
+                operation: "write",
+                source,
+            })
+    }
+
+    /// Writes a batch without the WAL: it survives a crash only once flushed, which
+    /// (atomic flush) happens for all column families together. For state the Raft
+    /// log can rebuild.
+    pub fn write_unlogged(&self, batch: WriteBatch) -> Result<(), Error> {
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
         self.db
             .write_opt(batch, &options)
             .map_err(|source| Error::Io {
