@@ -232,6 +232,13 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Flush what is in memory now, while apply goes on, so that the checkpoint
+        // below (which flushes again) pauses apply only for the little written since.
+        self.shared
+            .mvcc
+            .storage()
+            .flush()
+            .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
         let meta = {
             // The read view pauses apply, so the checkpoint matches the applied state.
             let _view = self.shared.mvcc.read();

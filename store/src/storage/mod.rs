@@ -210,6 +210,19 @@ impl Storage {
             })
     }
 
+    /// Writes the memtables of every column family to disk.
+    pub fn flush(&self) -> Result<(), Error> {
+        for name in COLUMN_FAMILIES {
+            self.db
+                .flush_cf(self.cf(name))
+                .map_err(|source| Error::Io {
+                    operation: "flush",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Opens a checkpoint made by [`Storage::checkpoint`] read-only.
     pub fn open_checkpoint(dir: &Path) -> Result<Storage, Error> {
         let db = DB::open_cf_for_read_only(&Options::default(), dir, COLUMN_FAMILIES, false)
