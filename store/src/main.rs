@@ -8,6 +8,11 @@ use kvstore::config::{Config, LogLevel, MemberUrl};
 use kvstore::server::EtcdServer;
 use tokio::net::TcpListener;
 
+/// mimalloc: less CPU per allocation than glibc's malloc under many threads, and
+/// freed memory goes back to the system sooner.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(level: LogLevel) {
     let level = match level {
         LogLevel::Debug => "debug",
