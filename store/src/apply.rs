@@ -96,11 +96,14 @@ fn delete_in_txn(
     writer: &mut Writer<'_>,
     request: &DeleteRangeRequest,
 ) -> Result<DeleteRangeResponse, mvcc::Error> {
-    let deleted = writer.delete_range(&KeyRange::new(&request.key, &request.range_end))?;
+    let (deleted, prev_kvs) = writer.delete_range(
+        &KeyRange::new(&request.key, &request.range_end),
+        request.prev_kv,
+    )?;
     Ok(DeleteRangeResponse {
         header: header(writer.current_revision()),
-        deleted: deleted.len() as i64,
-        prev_kvs: if request.prev_kv { deleted } else { Vec::new() },
+        deleted,
+        prev_kvs,
     })
 }
 

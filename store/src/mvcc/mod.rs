@@ -469,14 +469,29 @@ impl Writer<'_> {
         Ok(revision)
     }
 
-    /// Deletes every live key in `range`; returns the deleted values.
-    pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>, Error> {
+    /// Deletes every live key in `range`; returns how many, and their values when
+    /// `with_values` (values are read only then: a large delete stays cheap).
+    pub fn delete_range(
+        &mut self,
+        range: &KeyRange,
+        with_values: bool,
+    ) -> Result<(i64, Vec<KeyValue>), Error> {
         let at = self.current_revision();
-        let found = find(self, range, at, 0, false)?;
-        for kv in &found.kvs {
+        let live: Vec<(Vec<u8>, Revision)> = range
+            .iter(&self.state.keys)
+            .filter_map(|(key, index)| index.get(at).map(|found| (key.clone(), found.modified)))
+            .collect();
+        let mut values = Vec::new();
+        if with_values {
+            values.reserve(live.len());
+            for (_, revision) in &live {
+                values.push(self.value(*revision)?);
+            }
+        }
+        for (key, _) in &live {
             let revision = self.next_revision();
             let tombstone = KeyValue {
-                key: kv.key.clone(),
+                key: key.clone(),
                 ..Default::default()
             };
             self.batch.put_cf(
@@ -486,11 +501,11 @@ impl Writer<'_> {
             );
             self.state
                 .keys
-                .get_mut(&kv.key)
+                .get_mut(key)
                 .expect("a key found in the index is still there")
                 .tombstone(revision);
         }
-        Ok(found.kvs)
+        Ok((live.len() as i64, values))
     }
 
     /// Closes the open store revision; returns the new current revision.
@@ -614,8 +629,11 @@ mod tests {
         ));
 
         let mut writer = mvcc.write();
-        let deleted = writer.delete_range(&KeyRange::new(b"a", b"")).unwrap();
-        assert_eq!(deleted.len(), 1);
+        let (deleted, values) = writer
+            .delete_range(&KeyRange::new(b"a", b""), true)
+            .unwrap();
+        assert_eq!(deleted, 1);
+        assert_eq!(values[0].value, b"2");
         assert_eq!(writer.end_revision(), 4);
         writer.commit().unwrap();
         assert!(get_at(&mvcc, "a", 0).unwrap().is_none());
@@ -633,7 +651,9 @@ mod tests {
             put(&mvcc, "a", "2");
             put(&mvcc, "b", "1");
             let mut writer = mvcc.write();
-            writer.delete_range(&KeyRange::new(b"b", b"")).unwrap();
+            writer
+                .delete_range(&KeyRange::new(b"b", b""), false)
+                .unwrap();
             writer.end_revision();
             writer.commit().unwrap();
             put(&mvcc, "c", "1");
