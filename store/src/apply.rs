@@ -225,8 +225,45 @@ fn check_ops(
     Ok(())
 }
 
-fn run_ops(
-    writer: &mut Writer<'_>,
+/// What a transaction's operations run against: the apply layer's writer, or a
+/// reader for transactions that only read.
+pub trait TxnView: ReadView {
+    /// A Put inside the transaction.
+    fn put_op(&mut self, request: &PutRequest) -> Result<PutResponse, mvcc::Error>;
+    /// A DeleteRange inside the transaction.
+    fn delete_op(
+        &mut self,
+        request: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, mvcc::Error>;
+}
+
+impl TxnView for Writer<'_> {
+    fn put_op(&mut self, request: &PutRequest) -> Result<PutResponse, mvcc::Error> {
+        put_in_txn(self, request)
+    }
+    fn delete_op(
+        &mut self,
+        request: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, mvcc::Error> {
+        delete_in_txn(self, request)
+    }
+}
+
+/// Readers serve only transactions that [`is_read_only`] accepted.
+impl TxnView for mvcc::Reader<'_> {
+    fn put_op(&mut self, _request: &PutRequest) -> Result<PutResponse, mvcc::Error> {
+        Err(EtcdError::NotCapable.into())
+    }
+    fn delete_op(
+        &mut self,
+        _request: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, mvcc::Error> {
+        Err(EtcdError::NotCapable.into())
+    }
+}
+
+fn run_ops<V: TxnView>(
+    view: &mut V,
     request: &TxnRequest,
     path: &[bool],
     position: &mut usize,
@@ -242,16 +279,16 @@ fn run_ops(
     for op in ops {
         let response = match &op.request {
             Some(Op::RequestRange(range)) => {
-                let mut response: RangeResponse = mvcc::range(&*writer, range)?;
-                response.header = header(writer.current_revision());
+                let mut response: RangeResponse = mvcc::range(&*view, range)?;
+                response.header = header(view.current_revision());
                 OpResponse::ResponseRange(response)
             }
-            Some(Op::RequestPut(put)) => OpResponse::ResponsePut(put_in_txn(writer, put)?),
+            Some(Op::RequestPut(put)) => OpResponse::ResponsePut(view.put_op(put)?),
             Some(Op::RequestDeleteRange(delete)) => {
-                OpResponse::ResponseDeleteRange(delete_in_txn(writer, delete)?)
+                OpResponse::ResponseDeleteRange(view.delete_op(delete)?)
             }
             Some(Op::RequestTxn(nested)) => {
-                OpResponse::ResponseTxn(run_ops(writer, nested, path, position)?)
+                OpResponse::ResponseTxn(run_ops(view, nested, path, position)?)
             }
             None => continue,
         };
@@ -260,7 +297,7 @@ fn run_ops(
         });
     }
     Ok(TxnResponse {
-        header: header(writer.current_revision()),
+        header: header(view.current_revision()),
         succeeded,
         responses,
     })
@@ -291,50 +328,13 @@ pub fn is_read_only(request: &TxnRequest) -> bool {
         })
 }
 
-/// Runs a read-only transaction on a read view.
+/// Runs a transaction that [`is_read_only`] accepted on a reader.
 pub fn read_only_txn(
-    view: &impl ReadView,
+    view: &mut mvcc::Reader<'_>,
     request: &TxnRequest,
 ) -> Result<TxnResponse, mvcc::Error> {
     let mut path = Vec::new();
-    branches(view, request, &mut path)?;
-    check_ops(view, request, &path, &mut 0)?;
-    read_only_ops(view, request, &path, &mut 0)
-}
-
-fn read_only_ops(
-    view: &impl ReadView,
-    request: &TxnRequest,
-    path: &[bool],
-    position: &mut usize,
-) -> Result<TxnResponse, mvcc::Error> {
-    let succeeded = path[*position];
-    *position += 1;
-    let ops = if succeeded {
-        &request.success
-    } else {
-        &request.failure
-    };
-    let mut responses = Vec::with_capacity(ops.len());
-    for op in ops {
-        let response = match &op.request {
-            Some(Op::RequestRange(range)) => {
-                let mut response = mvcc::range(view, range)?;
-                response.header = header(view.current_revision());
-                OpResponse::ResponseRange(response)
-            }
-            Some(Op::RequestTxn(nested)) => {
-                OpResponse::ResponseTxn(read_only_ops(view, nested, path, position)?)
-            }
-            _ => continue,
-        };
-        responses.push(ResponseOp {
-            response: Some(response),
-        });
-    }
-    Ok(TxnResponse {
-        header: header(view.current_revision()),
-        succeeded,
-        responses,
-    })
+    branches(&*view, request, &mut path)?;
+    check_ops(&*view, request, &path, &mut 0)?;
+    run_ops(view, request, &path, &mut 0)
 }

@@ -247,8 +247,8 @@ impl Kv for KvService {
             if !is_serializable(&request) {
                 self.server.linearizable_read().await?;
             }
-            let view = self.server.mvcc().read();
-            let mut response = apply::read_only_txn(&view, &request)?;
+            let mut view = self.server.mvcc().read();
+            let mut response = apply::read_only_txn(&mut view, &request)?;
             drop(view);
             self.server.fill_header(&mut response.header);
             return Ok(Response::new(response));
