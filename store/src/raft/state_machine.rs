@@ -88,12 +88,25 @@ impl StateMachine {
             None => StoredMembership::default(),
         };
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        // A checkpoint interrupted by a crash is never current: remove it.
+        if let Ok(entries) = std::fs::read_dir(&snapshot_dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with("building-") {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         Ok(StateMachine {
             shared: Arc::new(Shared {
                 mvcc,
                 applied: Mutex::new((last_applied, membership)),
                 snapshot_dir,
-                snapshot_sequence: AtomicU64::new(0),
+                // Starts from the clock so names never repeat across restarts.
+                snapshot_sequence: AtomicU64::new(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |elapsed| elapsed.as_nanos() as u64),
+                ),
                 requests_since_snapshot: Arc::default(),
             }),
         })
@@ -120,21 +133,63 @@ impl StateMachine {
         }
     }
 
-    /// Checkpoints the current state as the snapshot `meta` describes, makes it the
-    /// current snapshot and removes older checkpoints. Apply must be paused (the caller
-    /// holds the MVCC read view) so that state and `meta` agree.
-    fn checkpoint(
+    /// Checkpoints the current state and makes it the current snapshot, removing
+    /// older checkpoints. Apply goes on meanwhile: the snapshot's metadata is read
+    /// back from the checkpoint itself, where the applied log id and membership were
+    /// written in the same batches as the data (and atomic flush keeps them together).
+    /// `installed` names the metadata of a snapshot that was just installed instead.
+    fn take_checkpoint(
         &self,
-        meta: &SnapshotMeta<u64, openraft::BasicNode>,
-    ) -> Result<(), StorageError> {
+        installed: Option<&SnapshotMeta<u64, openraft::BasicNode>>,
+    ) -> Result<SnapshotMeta<u64, openraft::BasicNode>, StorageError> {
         let storage = self.shared.mvcc.storage();
-        let name = format!("checkpoint-{}", meta.snapshot_id);
-        let path = self.shared.snapshot_dir.join(&name);
-        if path.exists() {
-            std::fs::remove_dir_all(&path).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        let sequence = self
+            .shared
+            .snapshot_sequence
+            .fetch_add(1, Ordering::Relaxed);
+        let building = self
+            .shared
+            .snapshot_dir
+            .join(format!("building-{sequence}"));
+        if building.exists() {
+            std::fs::remove_dir_all(&building).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
         }
         storage
-            .checkpoint(&path)
+            .checkpoint(&building)
+            .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        let meta = match installed {
+            Some(meta) => meta.clone(),
+            None => {
+                let checkpoint = Storage::open_checkpoint(&building)
+                    .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?;
+                let read = |key: &[u8]| {
+                    checkpoint
+                        .get(CF_META, key)
+                        .map_err(|e| snapshot_error(ErrorVerb::Read, &e))
+                };
+                let last_log_id: Option<LogId> = match read(meta_key::LAST_APPLIED)? {
+                    Some(bytes) => decode(&bytes, ErrorSubject::Snapshot(None))?,
+                    None => None,
+                };
+                let last_membership: StoredMembership = match read(meta_key::MEMBERSHIP)? {
+                    Some(bytes) => decode(&bytes, ErrorSubject::Snapshot(None))?,
+                    None => StoredMembership::default(),
+                };
+                let snapshot_id = match &last_log_id {
+                    Some(log_id) => {
+                        format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence)
+                    }
+                    None => format!("0-0-{sequence}"),
+                };
+                SnapshotMeta {
+                    last_log_id,
+                    last_membership,
+                    snapshot_id,
+                }
+            }
+        };
+        let name = format!("checkpoint-{sequence}");
+        std::fs::rename(&building, self.shared.snapshot_dir.join(&name))
             .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
         let current = CurrentSnapshot {
             meta: meta.clone(),
@@ -156,7 +211,7 @@ impl StateMachine {
                 }
             }
         }
-        Ok(())
+        Ok(meta)
     }
 }
 
@@ -232,36 +287,10 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Flush what is in memory now, while apply goes on, so that the checkpoint
-        // below (which flushes again) pauses apply only for the little written since.
         self.shared
-            .mvcc
-            .storage()
-            .flush()
-            .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
-        let meta = {
-            // The read view pauses apply, so the checkpoint matches the applied state.
-            let _view = self.shared.mvcc.read();
-            let (last_applied, membership) = self.shared.applied.lock().clone();
-            let sequence = self
-                .shared
-                .snapshot_sequence
-                .fetch_add(1, Ordering::Relaxed);
-            let snapshot_id = match &last_applied {
-                Some(log_id) => format!("{}-{}-{}", log_id.leader_id.term, log_id.index, sequence),
-                None => format!("0-0-{sequence}"),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: last_applied,
-                last_membership: membership,
-                snapshot_id,
-            };
-            self.checkpoint(&meta)?;
-            self.shared
-                .requests_since_snapshot
-                .store(0, Ordering::Relaxed);
-            meta
-        };
+            .requests_since_snapshot
+            .store(0, Ordering::Relaxed);
+        let meta = self.take_checkpoint(None)?;
         tracing::info!(snapshot_id = %meta.snapshot_id, "built snapshot");
         let snapshot = self
             .get_current_snapshot()
@@ -406,8 +435,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         mvcc.replace(batch)
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
-        let _view = mvcc.read();
-        self.checkpoint(meta)
+        self.take_checkpoint(Some(meta)).map(|_| ())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
