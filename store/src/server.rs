@@ -124,6 +124,26 @@ fn open_data_dir(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// A runtime of its own for Raft (its core, state machine worker and the
+/// proposer), on a dedicated thread: under load hundreds of client connection tasks
+/// are runnable at once, and the serial commit pipeline must not queue behind them.
+/// The thread lives as long as the process.
+fn raft_runtime() -> Result<tokio::runtime::Handle, Error> {
+    // Two workers: a snapshot build blocks one while the pipeline goes on with the other.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("raft")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Raft(format!("cannot start the raft runtime: {e}")))?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .map_err(|e| Error::Raft(format!("cannot start the raft thread: {e}")))?;
+    Ok(handle)
+}
+
 /// Asks Raft for a snapshot (which lets it purge the log behind it) once
 /// `snapshot_count` client requests were applied since the last one, as etcd's
 /// `--snapshot-count` does. Ends with the server.
@@ -220,15 +240,22 @@ impl EtcdServer {
         let state_machine = StateMachine::open(mvcc.clone(), data_dir.join("snap"))
             .map_err(|e| Error::Raft(e.to_string()))?;
         let requests_since_snapshot = state_machine.requests_since_snapshot();
-        let raft = Raft::new(
-            identity.member_id,
-            Arc::new(raft_config),
-            Network,
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|e| Error::Raft(e.to_string()))?;
+        let raft_runtime = raft_runtime()?;
+        let member_id = identity.member_id;
+        let raft = raft_runtime
+            .spawn(async move {
+                Raft::new(
+                    member_id,
+                    Arc::new(raft_config),
+                    Network,
+                    log_store,
+                    state_machine,
+                )
+                .await
+            })
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?
+            .map_err(|e| Error::Raft(e.to_string()))?;
 
         let node = BasicNode::new(identity.peer_urls.first().cloned().unwrap_or_default());
         if fresh
@@ -258,7 +285,10 @@ impl EtcdServer {
         }
 
         let server = Arc::new(EtcdServer {
-            proposer: Proposer::start(raft.clone()),
+            proposer: {
+                let _inside = raft_runtime.enter();
+                Proposer::start(raft.clone())
+            },
             raft,
             mvcc,
             storage,
