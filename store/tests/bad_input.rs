@@ -9,7 +9,6 @@ use kvstore::pb::etcdserverpb::request_op::Request as Op;
 use kvstore::pb::etcdserverpb::{
     CompactionRequest, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use tonic::transport::Channel;
 use tonic::Code;
 
 type Outcome = Result<String, (Code, String)>;
@@ -34,11 +33,7 @@ fn txn(success: Vec<RequestOp>) -> TxnRequest {
 
 /// Runs every bad request against one server and records what came back.
 async fn probe(server: &Server) -> Vec<(&'static str, Outcome)> {
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut kv = KvClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

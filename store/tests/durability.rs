@@ -17,11 +17,7 @@ use tonic::transport::Channel;
 const WRITERS: usize = 16;
 
 async fn client(server: &Server) -> KvClient<Channel> {
-    let channel = Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     KvClient::new(channel)
 }
 

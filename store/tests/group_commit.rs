@@ -7,7 +7,6 @@ use common::{Kind, Server};
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvstore::pb::etcdserverpb::{PutRequest, StatusRequest};
-use tonic::transport::Channel;
 
 const CLIENTS: usize = 200;
 
@@ -16,11 +15,7 @@ fn concurrent_writes_share_raft_entries() {
     let server = Server::start(Kind::Kvstore);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let channel = Channel::from_shared(server.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = server.channel().await;
         let mut maintenance = MaintenanceClient::new(channel.clone());
         let before = maintenance
             .status(StatusRequest {})

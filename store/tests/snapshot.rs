@@ -8,7 +8,6 @@ use common::{Kind, Server};
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::{PutRequest, RangeRequest};
 use kvstore::storage::{meta_key, Storage, CF_META, CF_RAFT_LOG};
-use tonic::transport::Channel;
 
 const PUTS: usize = 6500;
 
@@ -17,11 +16,7 @@ fn snapshots_purge_the_log_and_restart_recovers() {
     let mut server = Server::start_with(Kind::Kvstore, &["--snapshot-count=500"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let channel = Channel::from_shared(server.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = server.channel().await;
         let mut kv = KvClient::new(channel);
         // One client, one request per Raft entry: the log grows by one entry per put.
         for i in 0..PUTS {
@@ -66,11 +61,7 @@ fn snapshots_purge_the_log_and_restart_recovers() {
 
     server.restart();
     runtime.block_on(async {
-        let channel = Channel::from_shared(server.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = server.channel().await;
         let mut kv = KvClient::new(channel);
         let response = kv
             .range(RangeRequest {

@@ -146,6 +146,15 @@ impl Server {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// A gRPC channel to this server.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(self.url())
+            .expect("valid URL")
+            .connect()
+            .await
+            .expect("connect to server")
+    }
+
     /// Runs etcdctl against this server.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
         self.etcdctl_with_input(args, None)
