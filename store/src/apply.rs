@@ -296,8 +296,10 @@ fn run_ops<V: TxnView>(
             response: Some(response),
         });
     }
+    // etcd leaves the revision of a nested transaction's header unset; the caller
+    // sets the outermost one.
     Ok(TxnResponse {
-        header: header(view.current_revision()),
+        header: Some(ResponseHeader::default()),
         succeeded,
         responses,
     })
@@ -336,5 +338,7 @@ pub fn read_only_txn(
     let mut path = Vec::new();
     branches(&*view, request, &mut path)?;
     check_ops(&*view, request, &path, &mut 0)?;
-    run_ops(view, request, &path, &mut 0)
+    let mut response = run_ops(view, request, &path, &mut 0)?;
+    response.header = header(view.current_revision());
+    Ok(response)
 }
