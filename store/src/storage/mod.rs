@@ -137,12 +137,7 @@ impl Storage {
     pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), Error> {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(|source| Error::Io {
-                operation: "write",
-                source,
-            })
+        self.write_with(batch, &options)
     }
 
     /// Writes a batch without the WAL: it survives a crash only once flushed, which
@@ -151,8 +146,12 @@ impl Storage {
     pub fn write_unlogged(&self, batch: WriteBatch) -> Result<(), Error> {
         let mut options = WriteOptions::default();
         options.disable_wal(true);
+        self.write_with(batch, &options)
+    }
+
+    fn write_with(&self, batch: WriteBatch, options: &WriteOptions) -> Result<(), Error> {
         self.db
-            .write_opt(batch, &options)
+            .write_opt(batch, options)
             .map_err(|source| Error::Io {
                 operation: "write",
                 source,
