@@ -33,25 +33,45 @@ pub enum ProposeError {
 
 type Reply = oneshot::Sender<Result<Response, ProposeError>>;
 
+/// A queued proposal with its encoded size, measured once.
+struct Pending {
+    request: InternalRaftRequest,
+    bytes: usize,
+    reply: Reply,
+}
+
 /// Hands proposals to the batching task.
 #[derive(Clone)]
 pub struct Proposer {
-    sender: mpsc::UnboundedSender<(InternalRaftRequest, Reply)>,
+    sender: mpsc::UnboundedSender<Pending>,
+    max_request_bytes: usize,
 }
 
 impl Proposer {
-    /// Starts the batching task for `raft`.
-    pub fn start(raft: Raft) -> Proposer {
+    /// Starts the batching task for `raft`; requests over `max_request_bytes`
+    /// (`--max-request-bytes`) are refused.
+    pub fn start(raft: Raft, max_request_bytes: usize) -> Proposer {
         let (sender, receiver) = mpsc::unbounded_channel();
         tokio::spawn(run(raft, receiver));
-        Proposer { sender }
+        Proposer {
+            sender,
+            max_request_bytes,
+        }
     }
 
     /// Proposes one mutation; resolves once it is committed and applied.
     pub async fn propose(&self, request: InternalRaftRequest) -> Result<Response, ProposeError> {
+        let bytes = request.encoded_len();
+        if bytes > self.max_request_bytes {
+            return Err(EtcdError::RequestTooLarge.into());
+        }
         let (reply, result) = oneshot::channel();
         self.sender
-            .send((request, reply))
+            .send(Pending {
+                request,
+                bytes,
+                reply,
+            })
             .map_err(|_| ProposeError::Etcd(EtcdError::Stopped))?;
         result
             .await
@@ -59,7 +79,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut receiver: mpsc::UnboundedReceiver<(InternalRaftRequest, Reply)>) {
+async fn run(raft: Raft, mut receiver: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     loop {
         // Wait for capacity first, so requests keep gathering while batches are in flight.
@@ -71,12 +91,12 @@ async fn run(raft: Raft, mut receiver: mpsc::UnboundedReceiver<(InternalRaftRequ
         let Some(first) = receiver.recv().await else {
             return;
         };
-        let mut bytes = first.0.encoded_len();
+        let mut bytes = first.bytes;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH_REQUESTS && bytes < MAX_BATCH_BYTES {
             match receiver.try_recv() {
                 Ok(next) => {
-                    bytes += next.0.encoded_len();
+                    bytes += next.bytes;
                     batch.push(next);
                 }
                 Err(_) => break,
@@ -90,8 +110,9 @@ async fn run(raft: Raft, mut receiver: mpsc::UnboundedReceiver<(InternalRaftRequ
     }
 }
 
-async fn commit(raft: &Raft, batch: Vec<(InternalRaftRequest, Reply)>) {
-    let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+async fn commit(raft: &Raft, batch: Vec<Pending>) {
+    let (requests, replies): (Vec<_>, Vec<_>) =
+        batch.into_iter().map(|p| (p.request, p.reply)).unzip();
     let count = requests.len();
     match raft
         .client_write(Request(Arc::new(RaftBatch { requests })))

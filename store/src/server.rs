@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use openraft::error::RaftError;
 use openraft::{BasicNode, ServerState};
-use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -287,7 +286,7 @@ impl EtcdServer {
         let server = Arc::new(EtcdServer {
             proposer: {
                 let _inside = raft_runtime.enter();
-                Proposer::start(raft.clone())
+                Proposer::start(raft.clone(), config.max_request_bytes as usize)
             },
             raft,
             mvcc,
@@ -342,11 +341,6 @@ impl EtcdServer {
         &self.limits
     }
 
-    /// The Raft handle.
-    pub fn raft(&self) -> &Raft {
-        &self.raft
-    }
-
     /// The storage.
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
@@ -384,9 +378,6 @@ impl EtcdServer {
     /// Proposes a mutation and waits until it is committed and applied.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn propose(&self, request: InternalRaftRequest) -> Result<Response, Error> {
-        if request.encoded_len() > self.limits.max_request_bytes {
-            return Err(EtcdError::RequestTooLarge.into());
-        }
         self.proposer
             .propose(request)
             .await

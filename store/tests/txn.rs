@@ -73,6 +73,17 @@ fn compare(
     }
 }
 
+/// Every key under app/ has version < 2: a compare over a range.
+fn all_younger_than_version_2() -> Compare {
+    compare(
+        "app/",
+        "app0",
+        CompareTarget::Version,
+        CompareResult::Less,
+        TargetUnion::Version(2),
+    )
+}
+
 fn transactions() -> Vec<TxnRequest> {
     vec![
         // Seed: several keys in one revision.
@@ -83,25 +94,13 @@ fn transactions() -> Vec<TxnRequest> {
         },
         // Range compare: every key under app/ has version < 2.
         TxnRequest {
-            compare: vec![compare(
-                "app/",
-                "app0",
-                CompareTarget::Version,
-                CompareResult::Less,
-                TargetUnion::Version(2),
-            )],
+            compare: vec![all_younger_than_version_2()],
             success: vec![put("app/a", "10"), get_prefix("app/")],
             failure: vec![put("never", "x")],
         },
         // Now app/a has version 2: the same compare fails; failure branch reads and nests.
         TxnRequest {
-            compare: vec![compare(
-                "app/",
-                "app0",
-                CompareTarget::Version,
-                CompareResult::Less,
-                TargetUnion::Version(2),
-            )],
+            compare: vec![all_younger_than_version_2()],
             success: vec![put("never", "x")],
             failure: vec![
                 get_prefix("app/"),

@@ -73,16 +73,6 @@ impl KeyRange {
         }
     }
 
-    /// Whether `key` is inside the range.
-    pub fn contains(&self, key: &[u8]) -> bool {
-        match self {
-            KeyRange::Single(single) => single.as_slice() == key,
-            KeyRange::Span { start, end } => {
-                key >= start.as_slice() && end.as_ref().is_none_or(|end| key < end.as_slice())
-            }
-        }
-    }
-
     fn iter<'a>(
         &self,
         keys: &'a BTreeMap<Vec<u8>, KeyIndex>,
