@@ -190,6 +190,8 @@ const SESSION: &[Step] = &[
     run(&["compact", "1000"]),
     run(&["compact", "8", "--physical"]),
     run(&["get", "", "--from-key", "-w", "json"]),
+    run(&["defrag"]),
+    run(&["alarm", "list"]),
     run(&["endpoint", "status", "-w", "json"]),
     run(&["endpoint", "health"]),
     run(&["member", "list", "-w", "json"]),
