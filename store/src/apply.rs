@@ -10,7 +10,8 @@ use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
 use crate::pb::etcdserverpb::{
     CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
-    PutRequest, PutResponse, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::pb::kvstorepb::internal_raft_request::Request;
 use crate::pb::kvstorepb::internal_raft_response::Response;
@@ -32,6 +33,10 @@ pub fn apply(
         Some(Request::Txn(txn_request)) => txn(writer, txn_request).map(Response::Txn),
         Some(Request::Compaction(compaction)) => {
             compact(writer, compaction).map(Response::Compaction)
+        }
+        Some(Request::LeaseGrant(grant)) => lease_grant(writer, grant).map(Response::LeaseGrant),
+        Some(Request::LeaseRevoke(revoke)) => {
+            lease_revoke(writer, revoke).map(Response::LeaseRevoke)
         }
         None => Ok(Response::Error(EtcdError::NotCapable.number())),
     };
@@ -68,6 +73,7 @@ fn put_in_txn(writer: &mut Writer<'_>, request: &PutRequest) -> Result<PutRespon
     if (request.ignore_value || request.ignore_lease) && previous.is_none() {
         return Err(EtcdError::KeyNotFound.into());
     }
+    check_lease(&*writer, request)?;
     let value = match (&previous, request.ignore_value) {
         (Some(previous), true) => previous.value.clone(),
         _ => request.value.clone(),
@@ -104,6 +110,45 @@ fn delete_in_txn(
         header: header(writer.current_revision()),
         deleted,
         prev_kvs,
+    })
+}
+
+/// A Put may only attach a lease that exists.
+fn check_lease(view: &impl ReadView, request: &PutRequest) -> Result<(), EtcdError> {
+    if request.lease != 0 && view.leases().get(request.lease).is_none() {
+        return Err(EtcdError::LeaseNotFound);
+    }
+    Ok(())
+}
+
+fn lease_grant(
+    writer: &mut Writer<'_>,
+    request: &LeaseGrantRequest,
+) -> Result<LeaseGrantResponse, mvcc::Error> {
+    if request.id == 0 {
+        return Err(EtcdError::LeaseNotFound.into());
+    }
+    if request.ttl > mvcc::lease::MAX_LEASE_TTL {
+        return Err(EtcdError::LeaseTtlTooLarge.into());
+    }
+    writer.grant_lease(request.id, request.ttl)?;
+    Ok(LeaseGrantResponse {
+        header: header(writer.current_revision()),
+        id: request.id,
+        ttl: request.ttl,
+        error: String::new(),
+    })
+}
+
+fn lease_revoke(
+    writer: &mut Writer<'_>,
+    request: &LeaseRevokeRequest,
+) -> Result<LeaseRevokeResponse, mvcc::Error> {
+    writer.revoke_lease(request.id)?;
+    let revision = writer.end_revision();
+    tracing::debug!(lease = %format!("{:x}", request.id), revision, "revoked lease");
+    Ok(LeaseRevokeResponse {
+        header: header(revision),
     })
 }
 
@@ -212,11 +257,14 @@ fn check_ops(
             Some(Op::RequestRange(range)) => {
                 mvcc::read_revision(view, range.revision)?;
             }
-            Some(Op::RequestPut(put)) if put.ignore_value || put.ignore_lease => {
-                let at = view.current_revision();
-                if mvcc::find(view, &KeyRange::new(&put.key, b""), at, 0, true)?.count == 0 {
-                    return Err(EtcdError::KeyNotFound.into());
+            Some(Op::RequestPut(put)) => {
+                if put.ignore_value || put.ignore_lease {
+                    let at = view.current_revision();
+                    if mvcc::find(view, &KeyRange::new(&put.key, b""), at, 0, true)?.count == 0 {
+                        return Err(EtcdError::KeyNotFound.into());
+                    }
                 }
+                check_lease(view, put)?;
             }
             Some(Op::RequestTxn(nested)) => check_ops(view, nested, path, position)?,
             _ => {}

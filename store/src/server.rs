@@ -13,8 +13,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::EtcdError;
+use crate::ids::IdGenerator;
+use crate::mvcc::lease::ExpiryError;
 use crate::mvcc::Mvcc;
-use crate::pb::etcdserverpb::{Member, ResponseHeader};
+use crate::mvcc::ReadView;
+use crate::pb::etcdserverpb::{
+    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus,
+    LeaseTimeToLiveResponse, Member, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    ResponseHeader, TxnRequest, TxnResponse,
+};
+use crate::pb::kvstorepb::internal_raft_request::Request as Proposal;
 use crate::pb::kvstorepb::internal_raft_response::Response;
 use crate::pb::kvstorepb::InternalRaftRequest;
 use crate::proposer::{ProposeError, Proposer};
@@ -47,6 +56,9 @@ pub enum Error {
     /// Raft failed.
     #[error("raft: {0}")]
     Raft(String),
+    /// The state machine answered a request with the wrong kind of response.
+    #[error("unexpected apply result: {0}")]
+    Unexpected(String),
 }
 
 impl From<Error> for tonic::Status {
@@ -87,6 +99,20 @@ pub struct Limits {
     pub max_txn_ops: usize,
     /// `--quota-backend-bytes` in effect.
     pub quota_backend_bytes: i64,
+    /// The smallest lease TTL granted, in seconds, computed as etcd does.
+    pub min_lease_ttl: i64,
+    /// The election timeout, which a new leader adds to every lease's TTL.
+    pub election_timeout: Duration,
+    /// How often watchers that asked for it get progress notifications.
+    pub watch_progress_notify_interval: Duration,
+}
+
+/// etcd's minimum lease TTL: one and a half election timeouts, counted in whole
+/// heartbeat ticks, rounded up to whole seconds.
+pub fn min_lease_ttl(heartbeat_ms: u64, election_ms: u64) -> i64 {
+    let election_ticks = election_ms / heartbeat_ms.max(1);
+    let min_ms = (3 * election_ticks / 2) * heartbeat_ms;
+    min_ms.div_ceil(1000) as i64
 }
 
 /// A running member.
@@ -99,6 +125,7 @@ pub struct EtcdServer {
     name: String,
     client_urls: Vec<String>,
     limits: Limits,
+    ids: IdGenerator,
 }
 
 fn open_data_dir(path: &Path) -> Result<(), Error> {
@@ -141,6 +168,83 @@ fn raft_runtime() -> Result<tokio::runtime::Handle, Error> {
         .spawn(move || runtime.block_on(std::future::pending::<()>()))
         .map_err(|e| Error::Raft(format!("cannot start the raft thread: {e}")))?;
     Ok(handle)
+}
+
+fn is_serializable(request: &TxnRequest) -> bool {
+    use crate::pb::etcdserverpb::request_op::Request as Op;
+    request
+        .success
+        .iter()
+        .chain(&request.failure)
+        .all(|op| match &op.request {
+            Some(Op::RequestRange(range)) => range.serializable,
+            Some(Op::RequestTxn(nested)) => is_serializable(nested),
+            _ => false,
+        })
+}
+
+/// Keeps lease deadlines with the leader: a member that becomes leader gives every
+/// lease a full TTL plus an election timeout (as etcd's lessor Promote does), one that
+/// stops leading forgets them. Ends with the server.
+async fn follow_leadership(server: std::sync::Weak<EtcdServer>) {
+    let Some(mut metrics) = server.upgrade().map(|server| server.raft.metrics()) else {
+        return;
+    };
+    let mut leading_term = None;
+    loop {
+        let (state, term) = {
+            let current = metrics.borrow_and_update();
+            (current.state, current.current_term)
+        };
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        if state == ServerState::Leader {
+            if leading_term != Some(term) {
+                // Everything committed before this term must be applied first, so
+                // the promotion sees every lease.
+                let _ = server.raft.ensure_linearizable().await;
+                server.mvcc.promote_leases(server.limits.election_timeout);
+                tracing::info!(term, "became leader; lease deadlines refreshed");
+                leading_term = Some(term);
+            }
+        } else if leading_term.take().is_some() {
+            server.mvcc.expiries().demote();
+            tracing::info!(term, "lost leadership");
+        }
+        drop(server);
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// On the leader, revokes leases whose deadline passed, through Raft. Ends with the
+/// server.
+async fn expire_leases(server: std::sync::Weak<EtcdServer>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(500));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        // etcd revokes at most 1,000 leases per second.
+        let expired = server.mvcc.expiries().expired(500);
+        let revocations = expired.into_iter().map(|id| {
+            let server = server.clone();
+            async move {
+                match server.lease_revoke(id).await {
+                    Ok(_) => tracing::info!(lease = %format!("{id:x}"), "revoked expired lease"),
+                    Err(Error::Etcd(EtcdError::LeaseNotFound)) => {}
+                    Err(error) => {
+                        tracing::warn!(lease = %format!("{id:x}"), %error, "failed to revoke expired lease")
+                    }
+                }
+            }
+        });
+        futures::future::join_all(revocations).await;
+    }
 }
 
 /// Asks Raft for a snapshot (which lets it purge the log behind it) once
@@ -291,6 +395,7 @@ impl EtcdServer {
             raft,
             mvcc,
             storage,
+            ids: IdGenerator::new(identity.member_id),
             identity,
             name: config.name.clone(),
             client_urls: config.advertise_client_urls.strings(),
@@ -298,8 +403,13 @@ impl EtcdServer {
                 max_request_bytes: config.max_request_bytes as usize,
                 max_txn_ops: config.max_txn_ops as usize,
                 quota_backend_bytes: config.quota_backend_bytes(),
+                min_lease_ttl: min_lease_ttl(config.heartbeat_interval, config.election_timeout),
+                election_timeout: Duration::from_millis(config.election_timeout),
+                watch_progress_notify_interval: config.experimental_watch_progress_notify_interval,
             },
         });
+        tokio::spawn(follow_leadership(Arc::downgrade(&server)));
+        tokio::spawn(expire_leases(Arc::downgrade(&server)));
         tokio::spawn(trigger_snapshots(
             Arc::downgrade(&server),
             requests_since_snapshot,
@@ -385,6 +495,181 @@ impl EtcdServer {
                 ProposeError::Etcd(error) => Error::Etcd(error),
                 ProposeError::Raft(message) => Error::Raft(message),
             })
+    }
+
+    async fn propose_request(&self, request: Proposal) -> Result<Response, Error> {
+        let response = self
+            .propose(InternalRaftRequest {
+                request: Some(request),
+            })
+            .await?;
+        match response {
+            Response::Error(number) => Err(Error::Etcd(
+                EtcdError::from_number(number).unwrap_or(EtcdError::NotCapable),
+            )),
+            other => Ok(other),
+        }
+    }
+
+    /// A Range, linearizable unless the request asks for serializable.
+    pub async fn range(&self, request: &RangeRequest) -> Result<RangeResponse, Error> {
+        if !request.serializable {
+            self.linearizable_read().await?;
+        }
+        let view = self.mvcc.read();
+        let mut response = crate::mvcc::range(&view, request)?;
+        let revision = crate::mvcc::ReadView::current_revision(&view);
+        drop(view);
+        response.header = self.header(revision);
+        Ok(response)
+    }
+
+    /// A Put, through Raft.
+    pub async fn put(&self, request: PutRequest) -> Result<PutResponse, Error> {
+        match self.propose_request(Proposal::Put(request)).await? {
+            Response::Put(mut response) => {
+                self.fill_header(&mut response.header);
+                Ok(response)
+            }
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// A DeleteRange, through Raft.
+    pub async fn delete_range(
+        &self,
+        request: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, Error> {
+        match self.propose_request(Proposal::DeleteRange(request)).await? {
+            Response::DeleteRange(mut response) => {
+                self.fill_header(&mut response.header);
+                Ok(response)
+            }
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// A Txn: through Raft when it writes; as a read when it only reads.
+    pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, Error> {
+        if crate::apply::is_read_only(&request) {
+            if !is_serializable(&request) {
+                self.linearizable_read().await?;
+            }
+            let mut view = self.mvcc.read();
+            let mut response = crate::apply::read_only_txn(&mut view, &request)?;
+            drop(view);
+            self.fill_header(&mut response.header);
+            return Ok(response);
+        }
+        match self.propose_request(Proposal::Txn(request)).await? {
+            Response::Txn(mut response) => {
+                self.fill_header(&mut response.header);
+                Ok(response)
+            }
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Grants a lease: `id` 0 lets the server choose; a TTL below the minimum is
+    /// raised to it, as etcd does.
+    pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<LeaseGrantResponse, Error> {
+        if ttl > crate::mvcc::lease::MAX_LEASE_TTL {
+            return Err(EtcdError::LeaseTtlTooLarge.into());
+        }
+        let mut id = id;
+        while id == 0 {
+            id = (self.ids.next() & (u64::MAX >> 1)) as i64;
+        }
+        let request = LeaseGrantRequest {
+            id,
+            ttl: ttl.max(self.limits.min_lease_ttl),
+        };
+        match self.propose_request(Proposal::LeaseGrant(request)).await? {
+            Response::LeaseGrant(mut response) => {
+                self.fill_header(&mut response.header);
+                Ok(response)
+            }
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Revokes a lease and deletes its keys.
+    pub async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse, Error> {
+        match self
+            .propose_request(Proposal::LeaseRevoke(LeaseRevokeRequest { id }))
+            .await?
+        {
+            Response::LeaseRevoke(mut response) => {
+                self.fill_header(&mut response.header);
+                Ok(response)
+            }
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    fn expiry_error(error: ExpiryError) -> Error {
+        match error {
+            ExpiryError::NotFound => EtcdError::LeaseNotFound.into(),
+            // Followers forward lease traffic to the leader once peers are connected;
+            // until then only the leader answers.
+            ExpiryError::NotPrimary => EtcdError::NoLeader.into(),
+        }
+    }
+
+    /// Renews a lease on the leader; returns its TTL.
+    pub fn lease_renew(&self, id: i64) -> Result<i64, Error> {
+        let ttl = self
+            .mvcc
+            .read()
+            .leases()
+            .get(id)
+            .map(|record| record.ttl)
+            .ok_or(Error::Etcd(EtcdError::LeaseNotFound))?;
+        self.mvcc
+            .expiries()
+            .renew(id, ttl)
+            .map_err(EtcdServer::expiry_error)?;
+        Ok(ttl)
+    }
+
+    /// A lease's granted and remaining TTL, and optionally its keys.
+    pub fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<LeaseTimeToLiveResponse, Error> {
+        let view = self.mvcc.read();
+        let record = view
+            .leases()
+            .get(id)
+            .ok_or(Error::Etcd(EtcdError::LeaseNotFound))?;
+        let remaining = self
+            .mvcc
+            .expiries()
+            .remaining(id)
+            .map_err(EtcdServer::expiry_error)?;
+        Ok(LeaseTimeToLiveResponse {
+            header: self.header(0),
+            id,
+            ttl: remaining.as_secs() as i64,
+            granted_ttl: record.ttl,
+            keys: if keys {
+                record.keys.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Every lease, soonest to expire first.
+    pub fn leases(&self) -> LeaseLeasesResponse {
+        let mut ids: Vec<i64> = self.mvcc.read().leases().iter().map(|(id, _)| id).collect();
+        let expiries = self.mvcc.expiries();
+        ids.sort_by_key(|id| (expiries.deadline(*id), *id));
+        LeaseLeasesResponse {
+            header: self.header(0),
+            leases: ids.into_iter().map(|id| LeaseStatus { id }).collect(),
+        }
     }
 
     /// Waits until this member has applied everything committed before the call, as

@@ -4,9 +4,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::apply;
 use crate::error::EtcdError;
-use crate::mvcc;
+
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::request_op::Request as Op;
@@ -176,18 +175,6 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(Vec<Vec<u8>>, Vec<Interval>), E
     Ok((puts, deletes))
 }
 
-fn is_serializable(request: &TxnRequest) -> bool {
-    request
-        .success
-        .iter()
-        .chain(&request.failure)
-        .all(|op| match &op.request {
-            Some(Op::RequestRange(range)) => range.serializable,
-            Some(Op::RequestTxn(nested)) => is_serializable(nested),
-            _ => false,
-        })
-}
-
 #[tonic::async_trait]
 impl Kv for KvService {
     #[tracing::instrument(level = "debug", skip_all)]
@@ -197,28 +184,14 @@ impl Kv for KvService {
     ) -> Result<Response<RangeResponse>, Status> {
         let request = request.into_inner();
         check_range(&request)?;
-        if !request.serializable {
-            self.server.linearizable_read().await?;
-        }
-        let view = self.server.mvcc().read();
-        let mut response = mvcc::range(&view, &request)?;
-        let revision = mvcc::ReadView::current_revision(&view);
-        drop(view);
-        response.header = self.server.header(revision);
-        Ok(Response::new(response))
+        Ok(Response::new(self.server.range(&request).await?))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let request = request.into_inner();
         check_put(&request)?;
-        match self.propose(Proposal::Put(request)).await? {
-            Applied::Put(mut response) => {
-                self.server.fill_header(&mut response.header);
-                Ok(Response::new(response))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(self.server.put(request).await?))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -228,13 +201,7 @@ impl Kv for KvService {
     ) -> Result<Response<DeleteRangeResponse>, Status> {
         let request = request.into_inner();
         check_delete(&request)?;
-        match self.propose(Proposal::DeleteRange(request)).await? {
-            Applied::DeleteRange(mut response) => {
-                self.server.fill_header(&mut response.header);
-                Ok(Response::new(response))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(self.server.delete_range(request).await?))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -243,23 +210,7 @@ impl Kv for KvService {
         check_txn(&request, self.server.limits().max_txn_ops)?;
         check_intervals(&request.success)?;
         check_intervals(&request.failure)?;
-        if apply::is_read_only(&request) {
-            if !is_serializable(&request) {
-                self.server.linearizable_read().await?;
-            }
-            let mut view = self.server.mvcc().read();
-            let mut response = apply::read_only_txn(&mut view, &request)?;
-            drop(view);
-            self.server.fill_header(&mut response.header);
-            return Ok(Response::new(response));
-        }
-        match self.propose(Proposal::Txn(request)).await? {
-            Applied::Txn(mut response) => {
-                self.server.fill_header(&mut response.header);
-                Ok(Response::new(response))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(self.server.txn(request).await?))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

@@ -2,14 +2,23 @@
 //! and fill response headers; they never change state themselves.
 
 pub mod cluster;
+pub mod election;
 pub mod kv;
+pub mod lease;
+pub mod lock;
 pub mod maintenance;
+pub mod recipe;
+pub mod watch;
 
 use std::sync::Arc;
 
 use crate::pb::etcdserverpb::cluster_server::ClusterServer;
 use crate::pb::etcdserverpb::kv_server::KvServer;
+use crate::pb::etcdserverpb::lease_server::LeaseServer;
 use crate::pb::etcdserverpb::maintenance_server::MaintenanceServer;
+use crate::pb::etcdserverpb::watch_server::WatchServer;
+use crate::pb::v3electionpb::election_server::ElectionServer;
+use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::server::EtcdServer;
 
 /// gRPC's own framing on top of `--max-request-bytes`, as etcd allows.
@@ -28,7 +37,24 @@ pub fn routes(server: Arc<EtcdServer>) -> tonic::service::Routes {
             .max_decoding_message_size(max_message),
     )
     .add_service(
-        MaintenanceServer::new(maintenance::MaintenanceService::new(server))
+        MaintenanceServer::new(maintenance::MaintenanceService::new(server.clone()))
+            .max_decoding_message_size(max_message),
+    )
+    .add_service(
+        WatchServer::new(watch::WatchService::new(server.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(usize::MAX),
+    )
+    .add_service(
+        LeaseServer::new(lease::LeaseService::new(server.clone()))
+            .max_decoding_message_size(max_message),
+    )
+    .add_service(
+        LockServer::new(lock::LockService::new(server.clone()))
+            .max_decoding_message_size(max_message),
+    )
+    .add_service(
+        ElectionServer::new(election::ElectionService::new(server))
             .max_decoding_message_size(max_message),
     )
 }

@@ -5,7 +5,9 @@
 //! is rebuilt from RocksDB at start.
 
 pub mod key_index;
+pub mod lease;
 pub mod revision;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
@@ -17,10 +19,12 @@ use prost::Message;
 use crate::error::EtcdError;
 use crate::pb::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::pb::etcdserverpb::{RangeRequest, RangeResponse};
-use crate::pb::mvccpb::KeyValue;
+use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
 use crate::storage::{meta_key, Storage, WriteBatch, CF_KV, CF_META};
 use key_index::KeyIndex;
+use lease::{Expiries, LeaseTable};
 pub use revision::Revision;
+use watch::WatchHub;
 
 /// Errors of the MVCC layer.
 #[derive(Debug, thiserror::Error)]
@@ -106,12 +110,15 @@ struct IndexState {
     keys: BTreeMap<Vec<u8>, KeyIndex>,
     current_revision: i64,
     compact_revision: i64,
+    leases: LeaseTable,
 }
 
-/// The MVCC store of one member.
+/// The MVCC store of one member, with its watchers and leases.
 pub struct Mvcc {
     storage: Arc<Storage>,
     state: RwLock<IndexState>,
+    hub: WatchHub,
+    expiries: Expiries,
 }
 
 /// Read access to a consistent state of the store: either a reader's view of the
@@ -125,6 +132,8 @@ pub trait ReadView {
     fn keys(&self) -> &BTreeMap<Vec<u8>, KeyIndex>;
     /// The stored value written at `revision`.
     fn value(&self, revision: Revision) -> Result<KeyValue, Error>;
+    /// The leases.
+    fn leases(&self) -> &LeaseTable;
 }
 
 fn decode_value(revision: Revision, bytes: Option<Vec<u8>>) -> Result<KeyValue, Error> {
@@ -157,14 +166,20 @@ impl ReadView for Reader<'_> {
     fn value(&self, revision: Revision) -> Result<KeyValue, Error> {
         decode_value(revision, self.storage.get(CF_KV, &revision.to_key(false))?)
     }
+    fn leases(&self) -> &LeaseTable {
+        &self.state.leases
+    }
 }
 
 /// The apply layer's view: exclusive access, writes collected in one RocksDB batch.
 /// Nothing is visible to readers before [`Writer::commit`].
 pub struct Writer<'a> {
     state: RwLockWriteGuard<'a, IndexState>,
+    mvcc: &'a Mvcc,
     storage: &'a Storage,
     batch: WriteBatch,
+    /// Events for watchers, collected only when there are watchers.
+    events: Option<Vec<Event>>,
     pending_values: HashMap<Revision, KeyValue>,
     /// Changes made so far in the open store revision.
     sub_revision: i64,
@@ -189,6 +204,9 @@ impl ReadView for Writer<'_> {
             return Ok(value.clone());
         }
         decode_value(revision, self.storage.get(CF_KV, &revision.to_key(false))?)
+    }
+    fn leases(&self) -> &LeaseTable {
+        &self.state.leases
     }
 }
 
@@ -318,6 +336,11 @@ fn load_state(storage: &Storage) -> Result<IndexState, Error> {
     // and has never been compacted.
     state.compact_revision = read_i64(meta_key::COMPACT_REVISION, NEVER_COMPACTED)?;
     state.current_revision = read_i64(meta_key::CURRENT_REVISION, INITIAL_REVISION)?;
+    for (id, ttl) in storage.leases()? {
+        state.leases.insert(id, ttl);
+    }
+    // The lease each live key carries, from its newest value.
+    let mut lease_of_key: HashMap<Vec<u8>, i64> = HashMap::new();
     let iterator = storage
         .db()
         .iterator_cf(storage.cf(CF_KV), rocksdb::IteratorMode::Start);
@@ -333,6 +356,13 @@ fn load_state(storage: &Storage) -> Result<IndexState, Error> {
             });
         };
         let kv = decode_value(revision, Some(value.to_vec()))?;
+        if tombstone {
+            lease_of_key.remove(&kv.key);
+        } else if kv.lease != 0 {
+            lease_of_key.insert(kv.key.clone(), kv.lease);
+        } else {
+            lease_of_key.remove(&kv.key);
+        }
         let index = state.keys.entry(kv.key.clone()).or_default();
         if tombstone {
             index.tombstone(revision);
@@ -344,6 +374,9 @@ fn load_state(storage: &Storage) -> Result<IndexState, Error> {
         }
         state.current_revision = state.current_revision.max(revision.main);
     }
+    for (key, lease) in lease_of_key {
+        state.leases.attach(&key, lease);
+    }
     Ok(state)
 }
 
@@ -353,17 +386,43 @@ impl Mvcc {
         let state = load_state(&storage)?;
         Ok(Arc::new(Mvcc {
             storage,
+            hub: WatchHub::new(state.current_revision),
             state: RwLock::new(state),
+            expiries: Expiries::default(),
         }))
     }
 
     /// Writes `batch`, which replaces the stored history wholesale (a snapshot being
-    /// installed), and rebuilds the index from it; readers wait meanwhile.
+    /// installed), and rebuilds the index from it; readers wait meanwhile. Watchers
+    /// catch up from the new history.
     pub fn replace(&self, batch: WriteBatch) -> Result<(), Error> {
         let mut state = self.state.write();
         self.storage.write(batch, true)?;
         *state = load_state(&self.storage)?;
+        let current = state.current_revision;
+        if let Some(extend) = self.expiries.primary_extension() {
+            self.expiries.promote(
+                extend,
+                state.leases.iter().map(|(id, record)| (id, record.ttl)),
+            );
+        }
+        drop(state);
+        self.hub.restore(current);
         Ok(())
+    }
+
+    /// Lease deadlines (kept by the leader).
+    pub fn expiries(&self) -> &Expiries {
+        &self.expiries
+    }
+
+    /// This member became leader: every lease gets its full TTL plus `extend`.
+    pub fn promote_leases(&self, extend: std::time::Duration) {
+        let state = self.state.read();
+        self.expiries.promote(
+            extend,
+            state.leases.iter().map(|(id, record)| (id, record.ttl)),
+        );
     }
 
     /// A consistent read view of the newest applied revision.
@@ -378,8 +437,10 @@ impl Mvcc {
     pub fn write(&self) -> Writer<'_> {
         Writer {
             state: self.state.write(),
+            mvcc: self,
             storage: &self.storage,
             batch: WriteBatch::default(),
+            events: self.hub.has_watchers().then(Vec::new),
             pending_values: HashMap::new(),
             sub_revision: 0,
         }
@@ -446,6 +507,14 @@ impl Writer<'_> {
             revision.to_key(false),
             kv.encode_to_vec(),
         );
+        self.state.leases.attach(key, lease);
+        if let Some(events) = &mut self.events {
+            events.push(Event {
+                r#type: EventType::Put as i32,
+                kv: Some(kv.clone()),
+                prev_kv: None,
+            });
+        }
         match self.state.keys.get_mut(key) {
             Some(index) => index.put(revision),
             None => self
@@ -494,6 +563,18 @@ impl Writer<'_> {
                 .get_mut(key)
                 .expect("a key found in the index is still there")
                 .tombstone(revision);
+            self.state.leases.detach(key);
+            if let Some(events) = &mut self.events {
+                events.push(Event {
+                    r#type: EventType::Delete as i32,
+                    kv: Some(KeyValue {
+                        key: key.clone(),
+                        mod_revision: revision.main,
+                        ..Default::default()
+                    }),
+                    prev_kv: None,
+                });
+            }
         }
         Ok((live.len() as i64, values))
     }
@@ -569,22 +650,63 @@ impl Writer<'_> {
     /// entries not yet flushed here are applied again after a crash (snapshots flush
     /// before the log behind them is purged). Makes the new revisions visible.
     pub fn commit(self) -> Result<(), Error> {
-        self.storage.write_unlogged(self.batch)?;
+        let Writer {
+            state,
+            mvcc,
+            storage,
+            batch,
+            events,
+            ..
+        } = self;
+        storage.write_unlogged(batch)?;
+        let current = state.current_revision;
+        drop(state);
+        mvcc.hub.notify(events.as_deref(), current);
+        Ok(())
+    }
+
+    /// Grants lease `id` with `ttl` seconds.
+    pub fn grant_lease(&mut self, id: i64, ttl: i64) -> Result<(), Error> {
+        if self.state.leases.get(id).is_some() {
+            return Err(EtcdError::LeaseExist.into());
+        }
+        self.state.leases.insert(id, ttl);
+        self.batch.put_cf(
+            self.storage.cf(CF_META),
+            meta_key::lease(id),
+            ttl.to_be_bytes(),
+        );
+        self.mvcc.expiries.granted(id, ttl);
+        Ok(())
+    }
+
+    /// Revokes lease `id`, deleting its keys in the open revision.
+    pub fn revoke_lease(&mut self, id: i64) -> Result<(), Error> {
+        let Some(record) = self.state.leases.get(id).cloned() else {
+            return Err(EtcdError::LeaseNotFound.into());
+        };
+        for key in &record.keys {
+            self.delete_range(&KeyRange::Single(key.clone()), false)?;
+        }
+        self.state.leases.remove(id);
+        self.batch
+            .delete_cf(self.storage.cf(CF_META), meta_key::lease(id));
+        self.mvcc.expiries.revoked(id);
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn open() -> (tempfile::TempDir, Arc<Mvcc>) {
+    pub(crate) fn open() -> (tempfile::TempDir, Arc<Mvcc>) {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         (dir, Mvcc::open(storage).unwrap())
     }
 
-    fn put(mvcc: &Mvcc, key: &str, value: &str) -> i64 {
+    pub(crate) fn put(mvcc: &Mvcc, key: &str, value: &str) -> i64 {
         let mut writer = mvcc.write();
         writer
             .put(key.as_bytes(), value.as_bytes().to_vec(), 0)
@@ -685,6 +807,60 @@ mod tests {
         assert_eq!(stored, 2);
         assert_eq!(put(&mvcc, "a", "3"), 7);
         assert_eq!(get_at(&mvcc, "a", 0).unwrap().unwrap().version, 3);
+    }
+
+    #[test]
+    fn leases_and_their_keys_survive_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
+            let mut writer = mvcc.write();
+            writer.grant_lease(5, 60).unwrap();
+            writer.grant_lease(6, 30).unwrap();
+            assert!(matches!(
+                writer.grant_lease(5, 10),
+                Err(Error::Etcd(EtcdError::LeaseExist))
+            ));
+            writer.put(b"a", b"1".to_vec(), 5).unwrap();
+            writer.put(b"b", b"1".to_vec(), 5).unwrap();
+            writer.put(b"c", b"1".to_vec(), 6).unwrap();
+            writer.end_revision();
+            writer.commit().unwrap();
+            // "b" moves to no lease, "c" is deleted.
+            put(&mvcc, "b", "2");
+            let mut writer = mvcc.write();
+            writer
+                .delete_range(&KeyRange::new(b"c", b""), false)
+                .unwrap();
+            writer.end_revision();
+            writer.commit().unwrap();
+        }
+        let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
+        {
+            let view = mvcc.read();
+            let five = view.leases().get(5).unwrap();
+            assert_eq!(five.ttl, 60);
+            assert_eq!(five.keys.iter().collect::<Vec<_>>(), vec![&b"a".to_vec()]);
+            assert!(view.leases().get(6).unwrap().keys.is_empty());
+        }
+        // Revoking deletes the attached keys in one revision.
+        let before = mvcc.current_revision();
+        let mut writer = mvcc.write();
+        writer.revoke_lease(5).unwrap();
+        assert_eq!(writer.end_revision(), before + 1);
+        writer.commit().unwrap();
+        assert!(get_at(&mvcc, "a", 0).unwrap().is_none());
+        assert!(get_at(&mvcc, "b", 0).unwrap().is_some());
+        let mut writer = mvcc.write();
+        assert!(matches!(
+            writer.revoke_lease(5),
+            Err(Error::Etcd(EtcdError::LeaseNotFound))
+        ));
+        drop(writer);
+        let reopened = Mvcc::open(mvcc.storage().clone());
+        drop(mvcc);
+        let reopened = reopened.unwrap();
+        assert!(reopened.read().leases().get(5).is_none());
     }
 
     #[test]

@@ -43,6 +43,8 @@ struct CurrentSnapshot {
 struct StreamHeader {
     compact_revision: i64,
     current_revision: i64,
+    /// Granted leases: (ID, TTL in seconds). Their keys are found from the values.
+    leases: Vec<(i64, i64)>,
 }
 
 /// Applied state shared between the state machine and its snapshot builders.
@@ -262,6 +264,7 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
     let header = StreamHeader {
         compact_revision: read_i64(meta_key::COMPACT_REVISION)?,
         current_revision: read_i64(meta_key::CURRENT_REVISION)?,
+        leases: storage.leases().map_err(std::io::Error::other)?,
     };
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -421,6 +424,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let meta_cf = storage.cf(CF_META);
+        let mut lease_end = meta_key::LEASE_PREFIX.to_vec();
+        *lease_end.last_mut().expect("prefix is not empty") += 1;
+        batch.delete_range_cf(meta_cf, meta_key::LEASE_PREFIX, &lease_end);
+        for (id, ttl) in &header.leases {
+            batch.put_cf(meta_cf, meta_key::lease(*id), ttl.to_be_bytes());
+        }
         batch.put_cf(
             meta_cf,
             meta_key::COMPACT_REVISION,
@@ -505,14 +514,40 @@ mod tests {
         }
     }
 
+    fn request_entry(
+        index: u64,
+        request: crate::pb::kvstorepb::internal_raft_request::Request,
+    ) -> Entry {
+        use crate::pb::kvstorepb::{InternalRaftRequest, RaftBatch};
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(super::super::Request(Arc::new(RaftBatch {
+                requests: vec![InternalRaftRequest {
+                    request: Some(request),
+                }],
+            }))),
+        }
+    }
+
     #[tokio::test]
     async fn snapshot_moves_history_to_another_member() {
+        use crate::pb::etcdserverpb::{LeaseGrantRequest, PutRequest};
+        use crate::pb::kvstorepb::internal_raft_request::Request;
         let (_source_dir, _, mut source) = Builder.build().await.unwrap();
         source
             .apply([
                 put_entry(1, "a", "1"),
                 put_entry(2, "a", "2"),
-                put_entry(3, "b", "1"),
+                request_entry(3, Request::LeaseGrant(LeaseGrantRequest { id: 9, ttl: 60 })),
+                request_entry(
+                    4,
+                    Request::Put(PutRequest {
+                        key: b"b".to_vec(),
+                        value: b"1".to_vec(),
+                        lease: 9,
+                        ..Default::default()
+                    }),
+                ),
             ])
             .await
             .unwrap();
@@ -522,9 +557,9 @@ mod tests {
             .build_snapshot()
             .await
             .unwrap();
-        assert_eq!(built.meta.last_log_id.unwrap().index, 3);
+        assert_eq!(built.meta.last_log_id.unwrap().index, 4);
         // Later writes do not leak into the snapshot taken before them.
-        source.apply([put_entry(4, "c", "1")]).await.unwrap();
+        source.apply([put_entry(5, "c", "1")]).await.unwrap();
 
         let (_target_dir, _, mut target) = Builder.build().await.unwrap();
         target.apply([put_entry(1, "stale", "x")]).await.unwrap();
@@ -536,8 +571,11 @@ mod tests {
             .unwrap();
 
         let (applied, _) = target.applied_state().await.unwrap();
-        assert_eq!(applied.unwrap().index, 3);
+        assert_eq!(applied.unwrap().index, 4);
         let view = target.mvcc().read();
+        // The lease came along, with its key attached.
+        let lease = crate::mvcc::ReadView::leases(&view).get(9).unwrap();
+        assert_eq!((lease.ttl, lease.keys.len()), (60, 1));
         let all = crate::mvcc::range(
             &view,
             &crate::pb::etcdserverpb::RangeRequest {

@@ -43,6 +43,16 @@ pub mod meta_key {
     pub const MEMBER: &[u8] = b"member";
     /// The last snapshot's metadata and data.
     pub const SNAPSHOT: &[u8] = b"snapshot";
+    /// Prefix of lease records: the lease ID (8 bytes big-endian) follows, the
+    /// granted TTL (8 bytes big-endian) is the value.
+    pub const LEASE_PREFIX: &[u8] = b"lease/";
+
+    /// The key of lease `id`'s record.
+    pub fn lease(id: i64) -> Vec<u8> {
+        let mut key = LEASE_PREFIX.to_vec();
+        key.extend_from_slice(&id.to_be_bytes());
+        key
+    }
 }
 
 /// Errors of the storage layer.
@@ -64,6 +74,9 @@ pub enum Error {
         /// Why it failed.
         source: rocksdb::Error,
     },
+    /// A stored record is malformed.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
 }
 
 /// The member's RocksDB with its named column families.
@@ -131,6 +144,29 @@ impl Storage {
                 operation: "get",
                 source,
             })
+    }
+
+    /// The lease records: (ID, granted TTL), in ID byte order.
+    pub fn leases(&self) -> Result<Vec<(i64, i64)>, Error> {
+        let mut leases = Vec::new();
+        let iterator = self.db.iterator_cf(
+            self.cf(CF_META),
+            rocksdb::IteratorMode::From(meta_key::LEASE_PREFIX, rocksdb::Direction::Forward),
+        );
+        for item in iterator {
+            let (key, value) = item.map_err(|source| Error::Io {
+                operation: "scan leases",
+                source,
+            })?;
+            let Some(id) = key.strip_prefix(meta_key::LEASE_PREFIX) else {
+                break;
+            };
+            let (Ok(id), Ok(ttl)) = (<[u8; 8]>::try_from(id), <[u8; 8]>::try_from(&*value)) else {
+                return Err(Error::Corrupt(format!("malformed lease record {key:?}")));
+            };
+            leases.push((i64::from_be_bytes(id), i64::from_be_bytes(ttl)));
+        }
+        Ok(leases)
     }
 
     /// Writes a batch; with `sync` the WAL is fsynced before returning.
