@@ -3,69 +3,7 @@
 
 mod common;
 
-use common::{text, Kind, Server};
-use serde_json::Value;
-
-/// Fields whose values differ between any two clusters, never between behaviours.
-const MEMBER_SPECIFIC: &[&str] = &[
-    "cluster_id",
-    "member_id",
-    "raft_term",
-    "leader",
-    "raftIndex",
-    "raftTerm",
-    "raftAppliedIndex",
-    "dbSize",
-    "dbSizeInUse",
-    "version",
-    "Endpoint",
-    "ID",
-    "peerURLs",
-    "clientURLs",
-];
-
-fn normalize_json(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            for (key, field) in map.iter_mut() {
-                if MEMBER_SPECIFIC.contains(&key.as_str()) {
-                    *field = Value::String("<normalized>".into());
-                } else {
-                    normalize_json(field);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(normalize_json),
-        _ => {}
-    }
-}
-
-fn normalize(output: &str, servers: &[&Server]) -> String {
-    let mut output = output.to_string();
-    for server in servers {
-        output = output.replace(&server.endpoint(), "<endpoint>");
-    }
-    output
-        .lines()
-        .map(|line| {
-            if let Ok(mut json) = serde_json::from_str::<Value>(line) {
-                if json.is_object() || json.is_array() {
-                    normalize_json(&mut json);
-                    return json.to_string();
-                }
-            }
-            if let Some((before, _)) = line.split_once("took =") {
-                return format!("{before}took = <duration>");
-            }
-            // Table rows of `member list` and `endpoint status` carry IDs and sizes.
-            if line.contains(" | ") || line.contains(", ") && line.contains("http://") {
-                return "<member row>".to_string();
-            }
-            line.to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+use common::{normalize, text, Kind, Server};
 
 /// One etcdctl invocation: arguments and optional stdin.
 struct Step {

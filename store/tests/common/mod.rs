@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 /// The Debian etcd server the tests compare against.
 pub const ETCD: &str = "/usr/bin/etcd";
 /// The Debian etcdctl the tests drive both servers with.
@@ -230,4 +232,215 @@ pub fn text(output: &Output) -> String {
         },
         output.status.code().unwrap_or(-1)
     )
+}
+
+/// Fields whose values differ between any two clusters, never between behaviours.
+pub const MEMBER_SPECIFIC: &[&str] = &[
+    "cluster_id",
+    "member_id",
+    "raft_term",
+    "leader",
+    "raftIndex",
+    "raftTerm",
+    "raftAppliedIndex",
+    "dbSize",
+    "dbSizeInUse",
+    "version",
+    "Endpoint",
+    "ID",
+    "peerURLs",
+    "clientURLs",
+];
+
+pub fn normalize_json(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, field) in map.iter_mut() {
+                if MEMBER_SPECIFIC.contains(&key.as_str()) {
+                    *field = Value::String("<normalized>".into());
+                } else {
+                    normalize_json(field);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(normalize_json),
+        _ => {}
+    }
+}
+
+pub fn normalize(output: &str, servers: &[&Server]) -> String {
+    let mut output = output.to_string();
+    for server in servers {
+        output = output.replace(&server.endpoint(), "<endpoint>");
+    }
+    output
+        .lines()
+        .map(|line| {
+            if let Ok(mut json) = serde_json::from_str::<Value>(line) {
+                if json.is_object() || json.is_array() {
+                    normalize_json(&mut json);
+                    return json.to_string();
+                }
+            }
+            if let Some((before, _)) = line.split_once("took =") {
+                return format!("{before}took = <duration>");
+            }
+            // Table rows of `member list` and `endpoint status` carry IDs and sizes.
+            if line.contains(" | ") || line.contains(", ") && line.contains("http://") {
+                return "<member row>".to_string();
+            }
+            line.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A long-running etcdctl (watch, lease keep-alive, lock, elect) whose output is read
+/// while it runs.
+pub struct Background {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The process's stdin, when asked for.
+    pub stdin: Option<std::process::ChildStdin>,
+    /// Lines read so far.
+    pub seen: Vec<String>,
+}
+
+impl Server {
+    /// Starts etcdctl against this server in the background.
+    pub fn etcdctl_background(&self, args: &[&str], with_stdin: bool) -> Background {
+        background(
+            Command::new(ETCDCTL)
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={}", self.endpoint()))
+                .args(args),
+            with_stdin,
+        )
+    }
+}
+
+/// Starts `command` with its output read in the background.
+pub fn background(command: &mut Command, with_stdin: bool) -> Background {
+    require(ETCDCTL);
+    let mut child = command
+        .stdin(if with_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn background process");
+    let (sender, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr_pipe = child.stderr.take().expect("stderr");
+    let collected = stderr.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr_pipe).lines() {
+            let Ok(line) = line else { return };
+            if !line.starts_with("{\"level\"") {
+                let mut text = collected.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+    });
+    Background {
+        stdin: child.stdin.take(),
+        child,
+        lines,
+        stderr,
+        seen: Vec::new(),
+    }
+}
+
+impl Background {
+    /// Reads lines until none arrived for `quiet` (or `limit` passed); returns them.
+    pub fn read_until_quiet(&mut self, quiet: Duration, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut read = Vec::new();
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(quiet) {
+                Ok(line) => read.push(line),
+                Err(_) => break,
+            }
+        }
+        self.seen.extend(read.iter().cloned());
+        read
+    }
+
+    /// Waits for a line satisfying `wanted`; returns it.
+    pub fn wait_for(&mut self, timeout: Duration, wanted: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Closes stdin, waits up to `timeout` for the exit (then kills); returns every
+    /// stdout line, stderr and the exit code as [`text`] formats them.
+    pub fn finish(mut self, timeout: Duration) -> String {
+        self.stdin.take();
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                break status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break -9;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Give the reader threads a moment to drain the pipes.
+        self.read_until_quiet(Duration::from_millis(200), Duration::from_secs(2));
+        let mut out = String::new();
+        for line in &self.seen {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push_str(&self.stderr.lock().unwrap());
+        format!("{out}exit={status}")
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
