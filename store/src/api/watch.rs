@@ -23,7 +23,7 @@ use crate::pb::mvccpb::Event;
 use crate::server::EtcdServer;
 
 /// Responses queued towards one client before the stream stops reading deliveries.
-const RESPONSE_QUEUE: usize = 16;
+const RESPONSE_QUEUE: usize = 4;
 
 /// The Watch service of one member.
 pub struct WatchService {

@@ -24,6 +24,8 @@ use crate::storage::CF_KV;
 
 /// Deliveries a stream may have queued before its watchers fall back to catching up.
 const STREAM_QUEUE: usize = 64;
+/// Event bytes a stream may have queued (beyond one delivery) before the same.
+const STREAM_QUEUE_BYTES: usize = 4 << 20;
 /// Bytes of history one catch-up step reads at most (a revision is never split).
 const CATCH_UP_BYTES: usize = 1 << 20;
 /// The watch ID a progress response for a whole stream carries.
@@ -159,6 +161,8 @@ impl Groups {
 
 struct StreamEntry {
     queue: mpsc::Sender<Delivery>,
+    /// Event bytes in the queue, shared with the reader.
+    queued_bytes: Arc<AtomicUsize>,
     wake: Arc<Notify>,
     watchers: HashMap<i64, Watcher>,
     next_id: i64,
@@ -209,6 +213,20 @@ fn matches(range: &KeyRange, key: &[u8]) -> bool {
             key >= start.as_slice() && end.as_ref().is_none_or(|end| key < end.as_slice())
         }
     }
+}
+
+/// What a delivery's events weigh in the queue.
+fn events_bytes(events: &[Event]) -> usize {
+    events
+        .iter()
+        .map(|event| {
+            event
+                .kv
+                .as_ref()
+                .map_or(0, |kv| kv.key.len() + kv.value.len())
+                + 32
+        })
+        .sum()
 }
 
 /// The revision an event happened at.
@@ -303,13 +321,22 @@ impl WatchHub {
             let Some(first) = selected.first().map(event_revision) else {
                 continue;
             };
+            let bytes = events_bytes(&selected);
+            let queued = stream.queued_bytes.load(Ordering::Relaxed);
+            if queued > 0 && queued + bytes > STREAM_QUEUE_BYTES {
+                fallen_behind.push((key, first));
+                continue;
+            }
             let delivery = Delivery::Events {
                 watch_id: key.1,
                 revision: current,
                 events: selected,
             };
             match stream.queue.try_send(delivery) {
-                Ok(()) => watcher.next = current + 1,
+                Ok(()) => {
+                    stream.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    watcher.next = current + 1;
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => fallen_behind.push((key, first)),
                 // The stream is going away and will remove its watchers.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -348,6 +375,7 @@ pub struct WatchStream {
     mvcc: Weak<Mvcc>,
     id: u64,
     queue: mpsc::Receiver<Delivery>,
+    queued_bytes: Arc<AtomicUsize>,
     wake: Arc<Notify>,
     ready: VecDeque<Delivery>,
 }
@@ -359,10 +387,12 @@ impl Mvcc {
         let id = hub.next_stream.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::channel(STREAM_QUEUE);
         let wake = Arc::new(Notify::new());
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         hub.state.lock().streams.insert(
             id,
             StreamEntry {
                 queue: sender,
+                queued_bytes: queued_bytes.clone(),
                 wake: wake.clone(),
                 watchers: HashMap::new(),
                 next_id: 0,
@@ -373,6 +403,7 @@ impl Mvcc {
             mvcc: Arc::downgrade(self),
             id,
             queue: receiver,
+            queued_bytes,
             wake,
             ready: VecDeque::new(),
         }
@@ -508,7 +539,7 @@ impl WatchStream {
                 return Some(delivery);
             }
             match self.queue.try_recv() {
-                Ok(delivery) => return Some(delivery),
+                Ok(delivery) => return Some(self.dequeued(delivery)),
                 Err(mpsc::error::TryRecvError::Empty) => {}
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
             }
@@ -521,10 +552,18 @@ impl WatchStream {
                 continue;
             }
             tokio::select! {
-                delivery = self.queue.recv() => return delivery,
+                delivery = self.queue.recv() => return delivery.map(|d| self.dequeued(d)),
                 _ = self.wake.notified() => {}
             }
         }
+    }
+
+    fn dequeued(&self, delivery: Delivery) -> Delivery {
+        if let Delivery::Events { events, .. } = &delivery {
+            self.queued_bytes
+                .fetch_sub(events_bytes(events), Ordering::Relaxed);
+        }
+        delivery
     }
 
     /// Turns pending progress requests into deliveries; true if it queued any.
