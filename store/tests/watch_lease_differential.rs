@@ -434,3 +434,81 @@ async fn grpc_watch_conversation_matches_etcd() {
         panic!("watch conversations differ:\n{report}");
     }
 }
+
+/// The next response, with values replaced by their sizes.
+async fn next_sized(responses: &mut tonic::Streaming<WatchResponse>) -> String {
+    let mut response = tokio::time::timeout(Duration::from_secs(5), responses.message())
+        .await
+        .expect("a response in time")
+        .unwrap()
+        .unwrap();
+    for event in &mut response.events {
+        if let Some(kv) = &mut event.kv {
+            kv.value = format!("<{} bytes>", kv.value.len()).into_bytes();
+        }
+    }
+    describe_response(response)
+}
+
+/// Responses to a watch with `progress_notify` (every `--experimental-watch-progress-
+/// notify-interval`) and one with `fragment` over history larger than
+/// `--max-request-bytes`.
+async fn progress_and_fragments(server: &Server) -> Vec<String> {
+    let channel = server.channel().await;
+    let mut kv = kvstore::pb::etcdserverpb::kv_client::KvClient::new(channel.clone());
+    for i in 0..8 {
+        kv.put(kvstore::pb::etcdserverpb::PutRequest {
+            key: format!("big/{i}").into(),
+            value: vec![b'x'; 140_000],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    sender
+        .send(with(create("big/", "big0", 1), |c| c.fragment = true))
+        .await
+        .unwrap();
+    let mut responses = WatchClient::new(channel)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut transcript = Vec::new();
+    transcript.push(next_sized(&mut responses).await);
+    // Fragments until one without the flag.
+    loop {
+        let response = next_sized(&mut responses).await;
+        let last = !response.contains("fragment: true");
+        transcript.push(response);
+        if last {
+            break;
+        }
+    }
+    sender
+        .send(with(create("quiet", "", 0), |c| c.progress_notify = true))
+        .await
+        .unwrap();
+    transcript.push(next_sized(&mut responses).await);
+    // Nothing happens to "quiet": the next response is a progress notification.
+    transcript.push(next_sized(&mut responses).await);
+    transcript
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_notifications_and_fragments_match_etcd() {
+    let flags = [
+        "--max-request-bytes=150000",
+        "--experimental-watch-progress-notify-interval=500ms",
+    ];
+    let etcd = Server::start_with(Kind::Etcd, &flags);
+    let kvstore = Server::start_with(Kind::Kvstore, &flags);
+    let expected = progress_and_fragments(&etcd).await;
+    let actual = progress_and_fragments(&kvstore).await;
+    assert!(
+        expected.len() > 4,
+        "etcd fragmented the history: {expected:#?}"
+    );
+    assert_eq!(expected, actual);
+}

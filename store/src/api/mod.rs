@@ -22,7 +22,7 @@ use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::server::EtcdServer;
 
 /// gRPC's own framing on top of `--max-request-bytes`, as etcd allows.
-const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
 /// All client services of a member, ready to serve.
 pub fn routes(server: Arc<EtcdServer>) -> tonic::service::Routes {

@@ -216,7 +216,9 @@ impl Session {
                     ..Default::default()
                 };
                 if fragment {
-                    for part in fragments(response, self.server.limits().max_request_bytes) {
+                    // etcd fragments at the request limit plus gRPC's overhead allowance.
+                    let limit = self.server.limits().max_request_bytes + super::GRPC_OVERHEAD_BYTES;
+                    for part in fragments(response, limit) {
                         self.send(part).await?;
                     }
                     Ok(())
