@@ -84,7 +84,7 @@ async fn leases_survive_a_crash_and_get_a_full_ttl_from_the_new_leader() {
     // The leader granted a fresh TTL plus an election timeout (1 s): nothing expired
     // for the downtime.
     let (left, keys) = ttl_left(&server, kept).await;
-    assert!(left >= TTL - 1 && left <= TTL + 1, "remaining TTL {left}");
+    assert!((TTL - 1..=TTL + 1).contains(&left), "remaining TTL {left}");
     assert_eq!(keys, vec![b"kept".to_vec()]);
     assert!(exists(&server, "abandoned").await);
 
