@@ -469,6 +469,53 @@ async fn waiters_acquire_in_create_revision_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gives_up_leaves_the_line() {
+    let server = Server::start(Kind::Kvstore);
+    let channel = server.channel().await;
+    let holder = grant(&channel, 30).await;
+    LockClient::new(channel.clone())
+        .lock(LockRequest {
+            name: "line".into(),
+            lease: holder,
+        })
+        .await
+        .unwrap();
+    let waiter = grant(&channel, 30).await;
+    let mut lock = LockClient::new(channel.clone());
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        lock.lock(LockRequest {
+            name: "line".into(),
+            lease: waiter,
+        }),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the lock is held: the waiter cannot get it");
+    // The waiter's key is withdrawn once its call is gone.
+    let mut kv = KvClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys = kv
+            .range(RangeRequest {
+                key: "line/".into(),
+                range_end: "line0".into(),
+                keys_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs;
+        if keys.len() == 1 {
+            assert_eq!(keys[0].key, format!("line/{holder:x}").into_bytes());
+            break;
+        }
+        assert!(Instant::now() < deadline, "the waiter's key stayed in line");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn election_campaign_observe_proclaim_resign() {
     let server = Server::start(Kind::Kvstore);
     let channel = server.channel().await;
