@@ -490,7 +490,10 @@ async fn a_waiter_that_gives_up_leaves_the_line() {
         }),
     )
     .await;
-    assert!(gave_up.is_err(), "the lock is held: the waiter cannot get it");
+    assert!(
+        gave_up.is_err(),
+        "the lock is held: the waiter cannot get it"
+    );
     // The waiter's key is withdrawn once its call is gone.
     let mut kv = KvClient::new(channel);
     let deadline = Instant::now() + Duration::from_secs(5);
