@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/etcd/api/v3lockpb/v3lock.proto",
         "proto/etcd/api/v3electionpb/v3election.proto",
         "proto/kvstore/raft_internal.proto",
+        "proto/kvstore/peer.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

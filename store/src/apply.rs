@@ -38,6 +38,13 @@ pub fn apply(
         Some(Request::LeaseRevoke(revoke)) => {
             lease_revoke(writer, revoke).map(Response::LeaseRevoke)
         }
+        Some(Request::MemberAttributes(attributes)) => {
+            writer.put_meta(
+                &crate::storage::meta_key::member_attributes(attributes.id),
+                &prost::Message::encode_to_vec(attributes),
+            );
+            Ok(Response::MemberAttributes(attributes.clone()))
+        }
         None => Ok(Response::Error(EtcdError::NotCapable.number())),
     };
     let response = match result {

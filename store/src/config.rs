@@ -299,11 +299,13 @@ impl Config {
                 advertised.join(",")
             ));
         }
-        if cluster.len() > 1 || self.initial_cluster_state == ClusterState::Existing {
-            return Err(
-                "multi-member clusters (--initial-cluster with several members, --initial-cluster-state existing) are not supported yet"
-                    .into(),
-            );
+        let mut urls = std::collections::BTreeSet::new();
+        for (_, url) in &cluster {
+            if !urls.insert(url.to_string()) {
+                return Err(format!(
+                    "--initial-cluster has peer URL {url} more than once"
+                ));
+            }
         }
         Ok(())
     }

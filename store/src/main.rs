@@ -62,6 +62,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for url in &config.listen_client_urls.0 {
         listeners.push((url.clone(), bind(url).await?));
     }
+    let mut peer_listeners = Vec::new();
+    for url in &config.listen_peer_urls.0 {
+        peer_listeners.push((url.clone(), bind(url).await?));
+    }
     let server = EtcdServer::start(&config).await?;
     let identity = server.identity();
     tracing::info!(
@@ -90,6 +94,29 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .await
         });
     }
+
+    for (url, listener) in peer_listeners {
+        let routes = kvstore::api::peer::peer_routes(server.clone());
+        let mut shutdown = shutdown.clone();
+        tracing::info!(%url, "serving peer requests");
+        serving.spawn(async move {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+    }
+
+    // Clients are served at once; requests wait for a leader as etcd's do.
+    server
+        .wait_for_leader(std::time::Duration::from_millis(
+            config.election_timeout * 4,
+        ))
+        .await;
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

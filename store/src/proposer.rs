@@ -1,6 +1,7 @@
 //! Group commit: concurrent client mutations are gathered into one Raft entry, so one
 //! log append and one fsync acknowledge many requests. openraft 0.9 flushes each
-//! append before taking the next, so batching has to happen above it, here.
+//! append before taking the next, so batching has to happen above it, here. On a
+//! follower the batch goes to the leader, which proposes it as one entry.
 
 use std::sync::Arc;
 
@@ -10,7 +11,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::EtcdError;
 use crate::pb::kvstorepb::internal_raft_response::Response;
-use crate::pb::kvstorepb::{InternalRaftRequest, RaftBatch};
+use crate::pb::kvstorepb::{ForwardRequest, InternalRaftRequest, RaftBatch, RaftBatchResponse};
+use crate::raft::network::Peers;
 use crate::raft::{Raft, Request};
 
 /// Most requests in one entry.
@@ -50,9 +52,9 @@ pub struct Proposer {
 impl Proposer {
     /// Starts the batching task for `raft`; requests over `max_request_bytes`
     /// (`--max-request-bytes`) are refused.
-    pub fn start(raft: Raft, max_request_bytes: usize) -> Proposer {
+    pub fn start(raft: Raft, peers: Arc<Peers>, max_request_bytes: usize) -> Proposer {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, receiver));
+        tokio::spawn(run(raft, peers, receiver));
         Proposer {
             sender,
             max_request_bytes,
@@ -79,7 +81,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, mut receiver: mpsc::UnboundedReceiver<Pending>) {
+async fn run(raft: Raft, peers: Arc<Peers>, mut receiver: mpsc::UnboundedReceiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     loop {
         // Wait for capacity first, so requests keep gathering while batches are in flight.
@@ -103,23 +105,66 @@ async fn run(raft: Raft, mut receiver: mpsc::UnboundedReceiver<Pending>) {
             }
         }
         let raft = raft.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
-            commit(&raft, batch).await;
+            commit(&raft, &peers, batch).await;
             drop(permit);
         });
     }
 }
 
-async fn commit(raft: &Raft, batch: Vec<Pending>) {
+/// Sends a batch to the leader, which proposes it.
+async fn forward(
+    peers: &Peers,
+    leader_url: &str,
+    batch: RaftBatch,
+) -> Result<RaftBatchResponse, ProposeError> {
+    let mut client = peers
+        .client(leader_url)
+        .map_err(|_| ProposeError::Etcd(EtcdError::NoLeader))?;
+    match client
+        .propose(ForwardRequest {
+            header: peers.caller().header(),
+            batch: Some(batch),
+        })
+        .await
+    {
+        Ok(response) => Ok(response.into_inner()),
+        Err(status) => Err(EtcdError::ALL
+            .iter()
+            .find(|error| error.to_string() == status.message())
+            .map(|error| ProposeError::Etcd(*error))
+            .unwrap_or_else(|| {
+                if status.code() == tonic::Code::Unavailable {
+                    ProposeError::Etcd(EtcdError::NoLeader)
+                } else {
+                    ProposeError::Raft(status.message().to_string())
+                }
+            })),
+    }
+}
+
+async fn commit(raft: &Raft, peers: &Peers, batch: Vec<Pending>) {
     let (requests, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| (p.request, p.reply)).unzip();
     let count = requests.len();
-    match raft
-        .client_write(Request(Arc::new(RaftBatch { requests })))
-        .await
-    {
+    let batch = Arc::new(RaftBatch { requests });
+    let result = match raft.client_write(Request(batch.clone())).await {
+        Ok(written) => Ok(written.data.0),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(leader))) => {
+            match leader.leader_node {
+                Some(node) => forward(peers, &node.addr, (*batch).clone()).await,
+                None => Err(ProposeError::Etcd(EtcdError::NoLeader)),
+            }
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(ProposeError::Raft(e.to_string()))
+        }
+        Err(RaftError::Fatal(_)) => Err(ProposeError::Etcd(EtcdError::Stopped)),
+    };
+    match result {
         Ok(written) => {
-            let responses = written.data.0.responses;
+            let responses = written.responses;
             debug_assert_eq!(responses.len(), count);
             for (reply, response) in replies.into_iter().zip(responses) {
                 let result = match response.response {
@@ -135,19 +180,6 @@ async fn commit(raft: &Raft, batch: Vec<Pending>) {
             }
         }
         Err(error) => {
-            let error = match error {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
-                    if forward.leader_id.is_some() {
-                        ProposeError::Etcd(EtcdError::NotLeader)
-                    } else {
-                        ProposeError::Etcd(EtcdError::NoLeader)
-                    }
-                }
-                RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-                    ProposeError::Raft(e.to_string())
-                }
-                RaftError::Fatal(_) => ProposeError::Etcd(EtcdError::Stopped),
-            };
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }

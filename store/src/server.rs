@@ -11,6 +11,7 @@ use openraft::error::RaftError;
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ClusterState;
 use crate::config::Config;
 use crate::error::EtcdError;
 use crate::ids::IdGenerator;
@@ -26,9 +27,13 @@ use crate::pb::etcdserverpb::{
 use crate::pb::kvstorepb::internal_raft_request::Request as Proposal;
 use crate::pb::kvstorepb::internal_raft_response::Response;
 use crate::pb::kvstorepb::InternalRaftRequest;
+use crate::pb::kvstorepb::{
+    LeaseRenewRequest, LeaseTimeToLiveForward, MemberAttributes, PeerHeader, RaftBatch,
+    RaftBatchResponse,
+};
 use crate::proposer::{ProposeError, Proposer};
 use crate::raft::log_store::LogStore;
-use crate::raft::network::Network;
+use crate::raft::network::{Caller, Network, Peers};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::Raft;
 use crate::storage::{meta_key, Storage, WriteBatch, CF_META};
@@ -126,6 +131,113 @@ pub struct EtcdServer {
     client_urls: Vec<String>,
     limits: Limits,
     ids: IdGenerator,
+    peers: Arc<Peers>,
+}
+
+/// The identity of a founding member: IDs derived from the peer URLs of
+/// `--initial-cluster` and the token, as etcd derives them.
+fn new_member_identity(config: &Config) -> Result<Identity, Error> {
+    let members = config.initial_cluster_members().map_err(Error::Raft)?;
+    let peer_urls = config.initial_advertise_peer_urls.strings();
+    let token = &config.initial_cluster_token;
+    let mut urls_by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, url) in members {
+        urls_by_name.entry(name).or_default().push(url.to_string());
+    }
+    let ids: Vec<u64> = urls_by_name
+        .values()
+        .map(|urls| crate::ids::member_id(urls, token))
+        .collect();
+    Ok(Identity {
+        name: config.name.clone(),
+        member_id: crate::ids::member_id(&peer_urls, token),
+        cluster_id: crate::ids::cluster_id(&ids),
+        peer_urls,
+    })
+}
+
+/// The founding membership: every `--initial-cluster` member as a voter.
+fn initial_members(config: &Config) -> Result<BTreeMap<u64, BasicNode>, Error> {
+    let token = &config.initial_cluster_token;
+    let mut urls_by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, url) in config.initial_cluster_members().map_err(Error::Raft)? {
+        urls_by_name.entry(name).or_default().push(url.to_string());
+    }
+    Ok(urls_by_name
+        .values()
+        .map(|urls| {
+            let mut sorted = urls.clone();
+            sorted.sort();
+            (
+                crate::ids::member_id(urls, token),
+                BasicNode::new(sorted[0].clone()),
+            )
+        })
+        .collect())
+}
+
+/// The identity of a member joining an existing cluster (`--initial-cluster-state
+/// existing`, after `member add`): learned from the other members listed in
+/// `--initial-cluster`, by matching this member's peer URLs.
+async fn joining_member_identity(config: &Config) -> Result<Identity, Error> {
+    let own: std::collections::BTreeSet<String> = config
+        .initial_advertise_peer_urls
+        .strings()
+        .into_iter()
+        .collect();
+    let others: Vec<String> = config
+        .initial_cluster_members()
+        .map_err(Error::Raft)?
+        .into_iter()
+        .map(|(_, url)| url.to_string())
+        .filter(|url| !own.contains(url))
+        .collect();
+    let peers = Peers::new(Caller {
+        cluster_id: 0,
+        member_id: 0,
+    });
+    let mut failures = Vec::new();
+    for url in &others {
+        let mut client = match peers.client(url) {
+            Ok(client) => client,
+            Err(status) => {
+                failures.push(format!("{url}: {}", status.message()));
+                continue;
+            }
+        };
+        let response = match client
+            .members(PeerHeader {
+                cluster_id: 0,
+                from: 0,
+            })
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                failures.push(format!("{url}: {}", status.message()));
+                continue;
+            }
+        };
+        for member in response.members {
+            let urls: std::collections::BTreeSet<String> = member.peer_ur_ls.into_iter().collect();
+            if urls == own {
+                return Ok(Identity {
+                    name: config.name.clone(),
+                    member_id: member.id,
+                    cluster_id: response.cluster_id,
+                    peer_urls: own.into_iter().collect(),
+                });
+            }
+        }
+        return Err(Error::Raft(format!(
+            "the cluster at {url} has no member with peer URLs {}: add it first with `etcdctl member add`",
+            own.iter().cloned().collect::<Vec<_>>().join(",")
+        )));
+    }
+    Err(Error::Raft(format!(
+        "--initial-cluster-state existing: cannot reach any other member of --initial-cluster ({})",
+        failures.join("; ")
+    )))
 }
 
 fn open_data_dir(path: &Path) -> Result<(), Error> {
@@ -168,6 +280,21 @@ fn raft_runtime() -> Result<tokio::runtime::Handle, Error> {
         .spawn(move || runtime.block_on(std::future::pending::<()>()))
         .map_err(|e| Error::Raft(format!("cannot start the raft thread: {e}")))?;
     Ok(handle)
+}
+
+/// An error a peer returned, back as an etcd error when it is one.
+fn status_error(status: tonic::Status) -> Error {
+    EtcdError::ALL
+        .iter()
+        .find(|error| error.to_string() == status.message())
+        .map(|error| Error::Etcd(*error))
+        .unwrap_or_else(|| {
+            if status.code() == tonic::Code::Unavailable {
+                Error::Etcd(EtcdError::NoLeader)
+            } else {
+                Error::Raft(status.message().to_string())
+            }
+        })
 }
 
 fn is_serializable(request: &TxnRequest) -> bool {
@@ -216,6 +343,33 @@ async fn follow_leadership(server: std::sync::Weak<EtcdServer>) {
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Publishes this member's name and client URLs through the log once a leader is
+/// there, as etcd members do at start; retries until it is applied.
+async fn publish_attributes(server: std::sync::Weak<EtcdServer>) {
+    loop {
+        let Some(strong) = server.upgrade() else {
+            return;
+        };
+        let attributes = MemberAttributes {
+            id: strong.identity.member_id,
+            name: strong.name.clone(),
+            client_urls: strong.client_urls.clone(),
+        };
+        if strong.member_attributes().get(&attributes.id) == Some(&attributes) {
+            return;
+        }
+        let request = InternalRaftRequest {
+            request: Some(Proposal::MemberAttributes(attributes)),
+        };
+        match strong.propose(request).await {
+            Ok(_) => return,
+            Err(error) => tracing::debug!(%error, "publishing member attributes; will retry"),
+        }
+        drop(strong);
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -295,23 +449,9 @@ impl EtcdServer {
                 identity
             }
             None => {
-                let members = config.initial_cluster_members().map_err(Error::Raft)?;
-                let peer_urls = config.initial_advertise_peer_urls.strings();
-                let token = &config.initial_cluster_token;
-                let member_id = crate::ids::member_id(&peer_urls, token);
-                let mut member_ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                for (name, url) in members {
-                    member_ids.entry(name).or_default().push(url.to_string());
-                }
-                let ids: Vec<u64> = member_ids
-                    .values()
-                    .map(|urls| crate::ids::member_id(urls, token))
-                    .collect();
-                let identity = Identity {
-                    name: config.name.clone(),
-                    member_id,
-                    cluster_id: crate::ids::cluster_id(&ids),
-                    peer_urls,
+                let identity = match config.initial_cluster_state {
+                    ClusterState::New => new_member_identity(config)?,
+                    ClusterState::Existing => joining_member_identity(config).await?,
                 };
                 let mut batch = WriteBatch::default();
                 batch.put_cf(
@@ -327,12 +467,20 @@ impl EtcdServer {
         let raft_config = openraft::Config {
             cluster_name: config.initial_cluster_token.clone(),
             heartbeat_interval: config.heartbeat_interval,
-            election_timeout_min: config.election_timeout,
-            election_timeout_max: config.election_timeout * 2,
+            // openraft waits out a leader lease (election_timeout_max) and then a
+            // random election timeout after the last heartbeat, and a voter refuses
+            // candidates while its own lease holds (which is what keeps a member
+            // back from a partition from disrupting the cluster, as etcd's pre-vote
+            // does). These bounds put a new election within two --election-timeouts
+            // of the leader's last heartbeat, as etcd's randomized timeouts do.
+            election_timeout_min: (config.election_timeout * 3 / 5)
+                .max(config.heartbeat_interval + 1),
+            election_timeout_max: config.election_timeout,
             // Snapshots follow applied client requests (see `trigger_snapshots`), not
             // log entries: one entry carries a whole batch.
             snapshot_policy: openraft::SnapshotPolicy::Never,
-            max_in_snapshot_log_to_keep: 5000,
+            // Entries carry batches of requests, so fewer are kept than etcd's 5,000.
+            max_in_snapshot_log_to_keep: 1000,
             enable_tick: true,
             ..Default::default()
         }
@@ -345,12 +493,17 @@ impl EtcdServer {
         let requests_since_snapshot = state_machine.requests_since_snapshot();
         let raft_runtime = raft_runtime()?;
         let member_id = identity.member_id;
+        let peers = Peers::new(Caller {
+            cluster_id: identity.cluster_id,
+            member_id,
+        });
+        let network = Network::new(peers.clone());
         let raft = raft_runtime
             .spawn(async move {
                 Raft::new(
                     member_id,
                     Arc::new(raft_config),
-                    Network,
+                    network,
                     log_store,
                     state_machine,
                 )
@@ -360,14 +513,11 @@ impl EtcdServer {
             .map_err(|e| Error::Raft(e.to_string()))?
             .map_err(|e| Error::Raft(e.to_string()))?;
 
-        let node = BasicNode::new(identity.peer_urls.first().cloned().unwrap_or_default());
-        if fresh
-            || !raft
-                .is_initialized()
-                .await
-                .map_err(|e| Error::Raft(e.to_string()))?
-        {
-            let members = BTreeMap::from([(identity.member_id, node)]);
+        let bootstrap = fresh && config.initial_cluster_state == ClusterState::New;
+        if bootstrap {
+            // Every founding member initializes with the same membership; openraft
+            // accepts the identical first entry from each.
+            let members = initial_members(config)?;
             match raft.initialize(members).await {
                 Ok(()) => {}
                 Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
@@ -390,8 +540,13 @@ impl EtcdServer {
         let server = Arc::new(EtcdServer {
             proposer: {
                 let _inside = raft_runtime.enter();
-                Proposer::start(raft.clone(), config.max_request_bytes as usize)
+                Proposer::start(
+                    raft.clone(),
+                    peers.clone(),
+                    config.max_request_bytes as usize,
+                )
             },
+            peers,
             raft,
             mvcc,
             storage,
@@ -409,19 +564,18 @@ impl EtcdServer {
             },
         });
         tokio::spawn(follow_leadership(Arc::downgrade(&server)));
+        tokio::spawn(publish_attributes(Arc::downgrade(&server)));
         tokio::spawn(expire_leases(Arc::downgrade(&server)));
         tokio::spawn(trigger_snapshots(
             Arc::downgrade(&server),
             requests_since_snapshot,
             config.snapshot_count,
         ));
-        server
-            .wait_for_leader(Duration::from_millis(config.election_timeout * 4))
-            .await;
         Ok(server)
     }
 
-    async fn wait_for_leader(&self, timeout: Duration) {
+    /// Waits up to `timeout` until a leader is known.
+    pub async fn wait_for_leader(&self, timeout: Duration) {
         let mut metrics = self.raft.metrics();
         let _ = tokio::time::timeout(timeout, async {
             loop {
@@ -616,8 +770,8 @@ impl EtcdServer {
         }
     }
 
-    /// Renews a lease on the leader; returns its TTL.
-    pub fn lease_renew(&self, id: i64) -> Result<i64, Error> {
+    /// Renews a lease on this member, which must be the leader; returns its TTL.
+    pub fn lease_renew_local(&self, id: i64) -> Result<i64, Error> {
         let ttl = self
             .mvcc
             .read()
@@ -632,8 +786,28 @@ impl EtcdServer {
         Ok(ttl)
     }
 
-    /// A lease's granted and remaining TTL, and optionally its keys.
-    pub fn lease_time_to_live(
+    /// Renews a lease where its deadline is kept (on the leader); returns its TTL.
+    pub async fn lease_renew(&self, id: i64) -> Result<i64, Error> {
+        match self.lease_renew_local(id) {
+            Err(Error::Etcd(EtcdError::NoLeader)) => {
+                let (mut leader, header) = self.leader_client()?;
+                let response = leader
+                    .lease_renew(LeaseRenewRequest { header, id })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if response.ttl <= 0 {
+                    return Err(EtcdError::LeaseNotFound.into());
+                }
+                Ok(response.ttl)
+            }
+            other => other,
+        }
+    }
+
+    /// A lease's granted and remaining TTL, and optionally its keys, from this
+    /// member's deadlines (it must be the leader).
+    pub fn lease_time_to_live_local(
         &self,
         id: i64,
         keys: bool,
@@ -661,6 +835,94 @@ impl EtcdServer {
         })
     }
 
+    /// A lease's granted and remaining TTL, asked of the leader.
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<LeaseTimeToLiveResponse, Error> {
+        match self.lease_time_to_live_local(id, keys) {
+            Err(Error::Etcd(EtcdError::NoLeader)) => {
+                let (mut leader, header) = self.leader_client()?;
+                let mut response = leader
+                    .lease_time_to_live(LeaseTimeToLiveForward {
+                        header,
+                        request: Some(crate::pb::etcdserverpb::LeaseTimeToLiveRequest { id, keys }),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if response.ttl < 0 {
+                    return Err(EtcdError::LeaseNotFound.into());
+                }
+                response.header = self.header(0);
+                Ok(response)
+            }
+            other => other,
+        }
+    }
+
+    /// A client for the current leader and the header to call it with.
+    fn leader_client(
+        &self,
+    ) -> Result<
+        (
+            crate::pb::kvstorepb::peer_client::PeerClient<tonic::transport::Channel>,
+            Option<PeerHeader>,
+        ),
+        Error,
+    > {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics
+            .current_leader
+            .ok_or(Error::Etcd(EtcdError::NoLeader))?;
+        if leader == self.identity.member_id {
+            return Err(EtcdError::NoLeader.into());
+        }
+        let url = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|node| node.addr.clone())
+            .ok_or(Error::Etcd(EtcdError::NoLeader))?;
+        let client = self
+            .peers
+            .client(&url)
+            .map_err(|_| Error::Etcd(EtcdError::NoLeader))?;
+        Ok((client, self.peers.caller().header()))
+    }
+
+    /// Proposes a batch a follower forwarded; this member must lead.
+    pub async fn propose_forwarded(&self, batch: RaftBatch) -> Result<RaftBatchResponse, Error> {
+        match self
+            .raft
+            .client_write(crate::raft::Request(Arc::new(batch)))
+            .await
+        {
+            Ok(written) => Ok(written.data.0),
+            Err(RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_))) => {
+                Err(EtcdError::LeaderChanged.into())
+            }
+            Err(RaftError::APIError(error)) => Err(Error::Raft(error.to_string())),
+            Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped.into()),
+        }
+    }
+
+    /// The log index a linearizable read must wait for, confirmed by a quorum; this
+    /// member must lead.
+    pub async fn read_index_local(&self) -> Result<u64, Error> {
+        match self.raft.ensure_linearizable().await {
+            Ok(read_log_id) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
+            Err(RaftError::APIError(_)) => Err(EtcdError::NoLeader.into()),
+            Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped.into()),
+        }
+    }
+
+    /// The member's identity and the cluster's members, for joining members.
+    pub fn cluster_id(&self) -> u64 {
+        self.identity.cluster_id
+    }
+
     /// Every lease, soonest to expire first.
     pub fn leases(&self) -> LeaseLeasesResponse {
         let mut ids: Vec<i64> = self.mvcc.read().leases().iter().map(|(id, _)| id).collect();
@@ -673,44 +935,79 @@ impl EtcdServer {
     }
 
     /// Waits until this member has applied everything committed before the call, as
-    /// confirmed by the leader: after it a read sees every acknowledged write.
+    /// confirmed by the leader (ReadIndex): after it a read sees every acknowledged
+    /// write. On a follower the leader is asked for the index.
     pub async fn linearizable_read(&self) -> Result<(), Error> {
+        let index = match self.raft.ensure_linearizable().await {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
+                let (mut leader, header) = self.leader_client()?;
+                leader
+                    .read_index(header.unwrap_or_default())
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .index
+            }
+            Err(RaftError::APIError(_)) => return Err(EtcdError::NoLeader.into()),
+            Err(RaftError::Fatal(_)) => return Err(EtcdError::Stopped.into()),
+        };
         self.raft
-            .ensure_linearizable()
+            .wait(Some(Duration::from_secs(5)))
+            .applied_index_at_least(Some(index), "linearizable read")
             .await
-            .map_err(|error| match error {
-                RaftError::APIError(_) => Error::Etcd(EtcdError::NoLeader),
-                RaftError::Fatal(_) => Error::Etcd(EtcdError::Stopped),
-            })?;
+            .map_err(|_| Error::Etcd(EtcdError::Timeout))?;
         Ok(())
     }
 
-    /// The cluster's members as etcd lists them.
+    /// Published member attributes (name, client URLs) by member ID.
+    pub fn member_attributes(&self) -> BTreeMap<u64, MemberAttributes> {
+        let records = self
+            .storage
+            .meta_with_prefix(meta_key::MEMBER_ATTRIBUTES_PREFIX)
+            .unwrap_or_default();
+        records
+            .into_iter()
+            .filter_map(|(_, value)| {
+                <MemberAttributes as prost::Message>::decode(value.as_slice()).ok()
+            })
+            .map(|attributes| (attributes.id, attributes))
+            .collect()
+    }
+
+    /// The cluster's members as etcd lists them: a member that has not published
+    /// its attributes yet has no name and no client URLs.
     pub fn members(&self) -> Vec<Member> {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
         let learners: Vec<u64> = membership.learner_ids().collect();
+        let mut attributes = self.member_attributes();
+        attributes.insert(
+            self.identity.member_id,
+            MemberAttributes {
+                id: self.identity.member_id,
+                name: self.name.clone(),
+                client_urls: self.client_urls.clone(),
+            },
+        );
         membership
             .nodes()
             .map(|(id, node)| {
-                let own = *id == self.identity.member_id;
+                let published = attributes.remove(id).unwrap_or_default();
                 Member {
                     id: *id,
-                    name: if own {
-                        self.name.clone()
-                    } else {
-                        String::new()
-                    },
-                    peer_ur_ls: vec![node.addr.clone()],
-                    client_ur_ls: if own {
-                        self.client_urls.clone()
-                    } else {
-                        Vec::new()
-                    },
+                    name: published.name,
+                    peer_ur_ls: node.addr.split(',').map(String::from).collect(),
+                    client_ur_ls: published.client_urls,
                     is_learner: learners.contains(id),
                 }
             })
             .collect()
+    }
+
+    /// The Raft handle, for the peer service.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
     }
 
     /// Raft status for the Status RPC: leader, last log index, term, applied index.

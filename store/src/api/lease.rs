@@ -70,7 +70,7 @@ impl Lease for LeaseService {
                 // The header is taken before renewing, as etcd does: a lease revoked
                 // at some revision is never reported alive at a later one.
                 let header = server.header(0);
-                let response = match server.lease_renew(request.id) {
+                let response = match server.lease_renew(request.id).await {
                     Ok(ttl) => Ok(LeaseKeepAliveResponse {
                         header,
                         id: request.id,
@@ -98,7 +98,11 @@ impl Lease for LeaseService {
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let request = request.into_inner();
-        match self.server.lease_time_to_live(request.id, request.keys) {
+        match self
+            .server
+            .lease_time_to_live(request.id, request.keys)
+            .await
+        {
             Ok(response) => Ok(Response::new(response)),
             // etcd answers an unknown lease with TTL -1 rather than an error.
             Err(Error::Etcd(EtcdError::LeaseNotFound)) => {

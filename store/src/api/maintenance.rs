@@ -88,14 +88,26 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(not_yet("Hash"))
+        // The whole key-value history, as HashKV at the newest revision.
+        let (hash, _, _) = self.server.mvcc().hash_kv(0)?;
+        Ok(Response::new(HashResponse {
+            header: self.server.header(0),
+            hash,
+        }))
     }
 
     async fn hash_kv(
         &self,
-        _request: Request<HashKvRequest>,
+        request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
-        Err(not_yet("HashKV"))
+        let (hash, compact_revision, hash_revision) =
+            self.server.mvcc().hash_kv(request.into_inner().revision)?;
+        Ok(Response::new(HashKvResponse {
+            header: self.server.header(0),
+            hash,
+            compact_revision,
+            hash_revision,
+        }))
     }
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;

@@ -466,6 +466,33 @@ impl Mvcc {
             .count()
     }
 
+    /// etcd's HashKV: a CRC-32 over every stored change (key and value) from the
+    /// compaction point up to `revision` (0: the newest), equal on members that
+    /// applied the same history. Returns (hash, compact revision, hashed revision).
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64, i64), Error> {
+        let view = self.read();
+        let at = read_revision(&view, revision)?;
+        let compact = view.compact_revision();
+        let mut hasher = crc32fast::Hasher::new();
+        let end = Revision::new(at + 1, 0).to_key(false);
+        for item in self
+            .storage
+            .db()
+            .iterator_cf(self.storage.cf(CF_KV), rocksdb::IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|source| crate::storage::Error::Io {
+                operation: "scan kv for hash",
+                source,
+            })?;
+            if key.as_ref() >= end.as_slice() {
+                break;
+            }
+            hasher.update(&key);
+            hasher.update(&value);
+        }
+        Ok((hasher.finalize(), compact, at))
+    }
+
     /// The storage the values live in.
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
@@ -639,6 +666,11 @@ impl Writer<'_> {
             at.to_be_bytes(),
         );
         Ok(())
+    }
+
+    /// Adds a write to the meta column family (member attributes) to the batch.
+    pub fn put_meta(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.put_cf(self.storage.cf(CF_META), key, value);
     }
 
     /// Adds a write of the caller's own (applied state, membership) to the batch.

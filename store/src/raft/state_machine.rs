@@ -45,6 +45,8 @@ struct StreamHeader {
     current_revision: i64,
     /// Granted leases: (ID, TTL in seconds). Their keys are found from the values.
     leases: Vec<(i64, i64)>,
+    /// Member attributes: (member ID bytes, encoded attributes).
+    member_attributes: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Applied state shared between the state machine and its snapshot builders.
@@ -265,6 +267,9 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
         compact_revision: read_i64(meta_key::COMPACT_REVISION)?,
         current_revision: read_i64(meta_key::CURRENT_REVISION)?,
         leases: storage.leases().map_err(std::io::Error::other)?,
+        member_attributes: storage
+            .meta_with_prefix(meta_key::MEMBER_ATTRIBUTES_PREFIX)
+            .map_err(std::io::Error::other)?,
     };
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -424,11 +429,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let meta_cf = storage.cf(CF_META);
-        let mut lease_end = meta_key::LEASE_PREFIX.to_vec();
-        *lease_end.last_mut().expect("prefix is not empty") += 1;
-        batch.delete_range_cf(meta_cf, meta_key::LEASE_PREFIX, &lease_end);
+        for prefix in [meta_key::LEASE_PREFIX, meta_key::MEMBER_ATTRIBUTES_PREFIX] {
+            batch.delete_range_cf(meta_cf, prefix, &Storage::prefix_end(prefix));
+        }
         for (id, ttl) in &header.leases {
             batch.put_cf(meta_cf, meta_key::lease(*id), ttl.to_be_bytes());
+        }
+        for (id, attributes) in &header.member_attributes {
+            let mut key = meta_key::MEMBER_ATTRIBUTES_PREFIX.to_vec();
+            key.extend_from_slice(id);
+            batch.put_cf(meta_cf, key, attributes);
         }
         batch.put_cf(
             meta_cf,
@@ -444,6 +454,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         mvcc.replace(batch)
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
+        tracing::info!(snapshot_id = %meta.snapshot_id, revision = header.current_revision, "installed snapshot from the leader");
         self.take_checkpoint(Some(meta)).map(|_| ())
     }
 

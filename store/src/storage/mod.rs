@@ -47,6 +47,17 @@ pub mod meta_key {
     /// granted TTL (8 bytes big-endian) is the value.
     pub const LEASE_PREFIX: &[u8] = b"lease/";
 
+    /// Prefix of member attribute records: the member ID (8 bytes big-endian)
+    /// follows, an encoded `kvstorepb.MemberAttributes` is the value.
+    pub const MEMBER_ATTRIBUTES_PREFIX: &[u8] = b"member_attr/";
+
+    /// The key of member `id`'s attributes.
+    pub fn member_attributes(id: u64) -> Vec<u8> {
+        let mut key = MEMBER_ATTRIBUTES_PREFIX.to_vec();
+        key.extend_from_slice(&id.to_be_bytes());
+        key
+    }
+
     /// The key of lease `id`'s record.
     pub fn lease(id: i64) -> Vec<u8> {
         let mut key = LEASE_PREFIX.to_vec();
@@ -54,6 +65,9 @@ pub mod meta_key {
         key
     }
 }
+
+/// A stored key and value.
+pub type Record = (Vec<u8>, Vec<u8>);
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -146,27 +160,47 @@ impl Storage {
             })
     }
 
-    /// The lease records: (ID, granted TTL), in ID byte order.
-    pub fn leases(&self) -> Result<Vec<(i64, i64)>, Error> {
-        let mut leases = Vec::new();
+    /// Every record of [`CF_META`] under `prefix`, with the prefix removed from keys.
+    pub fn meta_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Record>, Error> {
+        let mut records = Vec::new();
         let iterator = self.db.iterator_cf(
             self.cf(CF_META),
-            rocksdb::IteratorMode::From(meta_key::LEASE_PREFIX, rocksdb::Direction::Forward),
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
         );
         for item in iterator {
             let (key, value) = item.map_err(|source| Error::Io {
-                operation: "scan leases",
+                operation: "scan meta",
                 source,
             })?;
-            let Some(id) = key.strip_prefix(meta_key::LEASE_PREFIX) else {
+            let Some(rest) = key.strip_prefix(prefix) else {
                 break;
             };
-            let (Ok(id), Ok(ttl)) = (<[u8; 8]>::try_from(id), <[u8; 8]>::try_from(&*value)) else {
-                return Err(Error::Corrupt(format!("malformed lease record {key:?}")));
-            };
-            leases.push((i64::from_be_bytes(id), i64::from_be_bytes(ttl)));
+            records.push((rest.to_vec(), value.to_vec()));
         }
-        Ok(leases)
+        Ok(records)
+    }
+
+    /// The lease records: (ID, granted TTL), in ID byte order.
+    pub fn leases(&self) -> Result<Vec<(i64, i64)>, Error> {
+        self.meta_with_prefix(meta_key::LEASE_PREFIX)?
+            .into_iter()
+            .map(|(id, ttl)| {
+                match (
+                    <[u8; 8]>::try_from(id.as_slice()),
+                    <[u8; 8]>::try_from(ttl.as_slice()),
+                ) {
+                    (Ok(id), Ok(ttl)) => Ok((i64::from_be_bytes(id), i64::from_be_bytes(ttl))),
+                    _ => Err(Error::Corrupt(format!("malformed lease record {id:?}"))),
+                }
+            })
+            .collect()
+    }
+
+    /// The end of the key range holding every key that starts with `prefix`.
+    pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+        let mut end = prefix.to_vec();
+        *end.last_mut().expect("prefixes are not empty") += 1;
+        end
     }
 
     /// Writes a batch; with `sync` the WAL is fsynced before returning.

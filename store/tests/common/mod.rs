@@ -467,3 +467,261 @@ impl Drop for Background {
         let _ = self.child.wait();
     }
 }
+
+/// A cluster of kvstore (or etcd) members on loopback, each in its own temp dir.
+pub struct Cluster {
+    pub members: Vec<Member>,
+    pub token: String,
+    pub kind: Kind,
+    extra: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+/// One member of a [`Cluster`].
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+    /// What the member logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    /// A gRPC channel to this member.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(self.url())
+            .expect("valid URL")
+            .connect()
+            .await
+            .expect("connect to member")
+    }
+}
+
+impl Cluster {
+    /// Starts `size` members with `--initial-cluster-state new` and `token`.
+    pub fn start(kind: Kind, size: usize, token: &str, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members = (0..size)
+            .map(|index| Member {
+                name: format!("m{index}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data_dir: dir.path().join(format!("m{index}")),
+                log: dir.path().join(format!("m{index}.log")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Cluster {
+            members,
+            token: token.to_string(),
+            kind,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            _dir: dir,
+        };
+        let initial = cluster.initial_cluster();
+        for index in 0..size {
+            cluster.launch(index, &initial, "new");
+        }
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Starts `size` members whose `--initial-cluster` also names a member at
+    /// `foreign_peer_url` that is not started (it belongs to another cluster).
+    pub fn start_partial(kind: Kind, size: usize, token: &str, foreign_peer_url: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members = (0..size)
+            .map(|index| Member {
+                name: format!("m{index}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data_dir: dir.path().join(format!("m{index}")),
+                log: dir.path().join(format!("m{index}.log")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Cluster {
+            members,
+            token: token.to_string(),
+            kind,
+            extra: Vec::new(),
+            _dir: dir,
+        };
+        let initial = format!("{},foreign={foreign_peer_url}", cluster.initial_cluster());
+        for index in 0..size {
+            cluster.launch(index, &initial, "new");
+        }
+        cluster
+    }
+
+    /// `--initial-cluster` for the current members.
+    pub fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts member `index` (again) with `initial_cluster` and `state`.
+    pub fn launch(&mut self, index: usize, initial_cluster: &str, state: &str) {
+        let member = &mut self.members[index];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&member.log)
+            .expect("log file");
+        let mut command = Command::new(Server::binary(self.kind));
+        command
+            .arg(format!("--name={}", member.name))
+            .arg(format!("--data-dir={}", member.data_dir.display()))
+            .arg(format!("--listen-client-urls={}", member.url()))
+            .arg(format!("--advertise-client-urls={}", member.url()))
+            .arg(format!("--listen-peer-urls={}", member.peer_url()))
+            .arg(format!(
+                "--initial-advertise-peer-urls={}",
+                member.peer_url()
+            ))
+            .arg(format!("--initial-cluster={initial_cluster}"))
+            .arg(format!("--initial-cluster-token={}", self.token))
+            .arg(format!("--initial-cluster-state={state}"))
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        if self.kind == Kind::Etcd {
+            command.env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+        }
+        member.child = Some(command.spawn().expect("spawn member"));
+    }
+
+    /// Restarts member `index` with its data dir.
+    pub fn restart(&mut self, index: usize) {
+        self.kill(index);
+        let initial = self.initial_cluster();
+        self.launch(index, &initial, "new");
+    }
+
+    /// SIGKILLs member `index`.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs etcdctl against member `index`.
+    pub fn etcdctl(&self, index: usize, args: &[&str]) -> Output {
+        Command::new(ETCDCTL)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.members[index].endpoint()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run etcdctl")
+    }
+
+    /// Every running member's endpoint, comma separated.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.is_running())
+            .map(Member::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until every running member answers a linearizable read.
+    pub fn wait_healthy(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for (index, member) in self.members.iter().enumerate() {
+            if !member.is_running() {
+                continue;
+            }
+            loop {
+                let output = self.etcdctl(index, &["--command-timeout=2s", "endpoint", "health"]);
+                if output.status.success() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "member {} did not become healthy: {}\nlog:\n{}",
+                    member.name,
+                    text(&output),
+                    member.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The status of member `index` as `endpoint status -w json` reports it.
+    pub fn status(&self, index: usize) -> Option<Value> {
+        let output = self.etcdctl(
+            index,
+            &["--command-timeout=1s", "endpoint", "status", "-w", "json"],
+        );
+        if !output.status.success() {
+            return None;
+        }
+        let json: Value = serde_json::from_slice(&output.stdout).ok()?;
+        json.as_array()?
+            .first()
+            .map(|entry| entry["Status"].clone())
+    }
+
+    /// The index of the member that leads, as the running members see it.
+    pub fn leader(&self) -> Option<usize> {
+        for (index, member) in self.members.iter().enumerate() {
+            if !member.is_running() {
+                continue;
+            }
+            let Some(status) = self.status(index) else {
+                continue;
+            };
+            let leader = status["leader"].as_u64()?;
+            let own = status["header"]["member_id"].as_u64()?;
+            if leader == own {
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    /// Waits for a leader among the running members.
+    pub fn wait_leader(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(leader) = self.leader() {
+                return leader;
+            }
+            assert!(Instant::now() < deadline, "no leader within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for index in 0..self.members.len() {
+            self.kill(index);
+        }
+    }
+}
