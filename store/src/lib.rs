@@ -9,6 +9,7 @@ pub mod apply;
 pub mod config;
 pub mod error;
 pub mod ids;
+pub mod membership;
 pub mod mvcc;
 pub mod pb;
 pub mod proposer;

@@ -1005,9 +1005,14 @@ impl EtcdServer {
             .collect()
     }
 
-    /// The Raft handle, for the peer service.
+    /// The Raft handle, for the peer service and membership changes.
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// Connections to the other members.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
     }
 
     /// Raft status for the Status RPC: leader, last log index, term, applied index.

@@ -117,6 +117,10 @@ fn normalize_leases(output: &str) -> String {
 fn normalize_lease_json(json: &mut serde_json::Value) {
     match json {
         serde_json::Value::Object(map) => {
+            // etcd lists a lease's keys in map order, which varies.
+            if let Some(keys) = map.get_mut("keys").and_then(|k| k.as_array_mut()) {
+                keys.sort_by_key(|k| k.to_string());
+            }
             for (key, value) in map.iter_mut() {
                 // Remaining TTLs tick; IDs are chosen by each server.
                 if matches!(key.as_str(), "ttl" | "id" | "lease") && value.as_i64().unwrap_or(0) > 0
@@ -152,6 +156,14 @@ fn normalize_lease_text(line: &str) -> String {
         }
     }
     flush(&mut token, &mut out);
+    // etcd lists a lease's keys in map order, which varies.
+    if let Some((before, rest)) = out.split_once("attached keys([") {
+        if let Some((keys, after)) = rest.split_once("])") {
+            let mut keys: Vec<&str> = keys.split(' ').collect();
+            keys.sort_unstable();
+            out = format!("{before}attached keys([{}]){after}", keys.join(" "));
+        }
+    }
     // "remaining(99s)" depends on timing.
     let mut result = String::new();
     let mut rest = out.as_str();

@@ -1,9 +1,13 @@
-//! The Cluster service: membership as etcd reports it.
+//! The Cluster service: membership as etcd reports and changes it. Changes are made
+//! by the leader; other members pass them on to it.
 
 use std::sync::Arc;
 
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::error::EtcdError;
+use crate::pb::etcdserverpb::cluster_client::ClusterClient;
 use crate::pb::etcdserverpb::cluster_server::Cluster;
 use crate::pb::etcdserverpb::{
     MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
@@ -22,35 +26,75 @@ impl ClusterService {
     pub fn new(server: Arc<EtcdServer>) -> ClusterService {
         ClusterService { server }
     }
-}
 
-fn membership_changes_unsupported(method: &str) -> Status {
-    Status::unimplemented(format!(
-        "kvstore: {method} needs the peer transport, which this version does not have (single-member clusters only)"
-    ))
+    /// The leader's Cluster service, when this member does not lead.
+    async fn leader(&self) -> Result<Option<ClusterClient<Channel>>, Status> {
+        if self.server.is_leader() {
+            return Ok(None);
+        }
+        let url = self
+            .server
+            .leader_peer_url()
+            .ok_or_else(|| Status::from(EtcdError::NoLeader))?;
+        let channel = Channel::from_shared(url)
+            .map_err(|_| Status::from(EtcdError::NoLeader))?
+            .connect()
+            .await
+            .map_err(|_| Status::from(EtcdError::NoLeader))?;
+        Ok(Some(ClusterClient::new(channel)))
+    }
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(
         &self,
-        _request: Request<MemberAddRequest>,
+        request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(membership_changes_unsupported("MemberAdd"))
+        if let Some(mut leader) = self.leader().await? {
+            return leader.member_add(request.into_inner()).await;
+        }
+        let request = request.into_inner();
+        let member = self
+            .server
+            .member_add(&request.peer_ur_ls, request.is_learner)
+            .await?;
+        Ok(Response::new(MemberAddResponse {
+            header: self.server.membership_header(),
+            member: Some(member),
+            members: self.server.members(),
+        }))
     }
 
     async fn member_remove(
         &self,
-        _request: Request<MemberRemoveRequest>,
+        request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(membership_changes_unsupported("MemberRemove"))
+        if let Some(mut leader) = self.leader().await? {
+            return leader.member_remove(request.into_inner()).await;
+        }
+        self.server.member_remove(request.into_inner().id).await?;
+        Ok(Response::new(MemberRemoveResponse {
+            header: self.server.membership_header(),
+            members: self.server.members(),
+        }))
     }
 
     async fn member_update(
         &self,
-        _request: Request<MemberUpdateRequest>,
+        request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(membership_changes_unsupported("MemberUpdate"))
+        if let Some(mut leader) = self.leader().await? {
+            return leader.member_update(request.into_inner()).await;
+        }
+        let request = request.into_inner();
+        self.server
+            .member_update(request.id, &request.peer_ur_ls)
+            .await?;
+        Ok(Response::new(MemberUpdateResponse {
+            header: self.server.membership_header(),
+            members: self.server.members(),
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -69,8 +113,15 @@ impl Cluster for ClusterService {
 
     async fn member_promote(
         &self,
-        _request: Request<MemberPromoteRequest>,
+        request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(membership_changes_unsupported("MemberPromote"))
+        if let Some(mut leader) = self.leader().await? {
+            return leader.member_promote(request.into_inner()).await;
+        }
+        self.server.member_promote(request.into_inner().id).await?;
+        Ok(Response::new(MemberPromoteResponse {
+            header: self.server.membership_header(),
+            members: self.server.members(),
+        }))
     }
 }

@@ -128,11 +128,15 @@ impl Peer for PeerService {
     }
 }
 
-/// The peer service, ready to serve on the peer URLs.
+/// The peer service, ready to serve on the peer URLs, with the Cluster service that
+/// followers pass membership changes on to.
 pub fn peer_routes(server: Arc<EtcdServer>) -> tonic::service::Routes {
     tonic::service::Routes::new(
-        crate::pb::kvstorepb::peer_server::PeerServer::new(PeerService::new(server))
+        crate::pb::kvstorepb::peer_server::PeerServer::new(PeerService::new(server.clone()))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX),
     )
+    .add_service(crate::pb::etcdserverpb::cluster_server::ClusterServer::new(
+        super::cluster::ClusterService::new(server),
+    ))
 }

@@ -488,6 +488,24 @@ pub struct Member {
 }
 
 impl Member {
+    /// A member not started yet.
+    pub fn new(
+        name: &str,
+        client_port: u16,
+        peer_port: u16,
+        data_dir: PathBuf,
+        log: PathBuf,
+    ) -> Member {
+        Member {
+            name: name.to_string(),
+            client_port,
+            peer_port,
+            data_dir,
+            log,
+            child: None,
+        }
+    }
+
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
     }

@@ -1,0 +1,227 @@
+//! Runtime membership through etcdctl, as etcd's runtime reconfiguration guide does
+//! it: `member add`, start the new member with `--initial-cluster-state existing`,
+//! promote learners, remove members, replace a member whose data was lost, and
+//! refuse removals that would cost the quorum.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{free_port, text, Cluster, Kind, Member};
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+/// The member ID `member list` shows for `peer_url`.
+fn member_id(cluster: &Cluster, via: usize, peer_url: &str) -> String {
+    let list = stdout(&cluster.etcdctl(via, &["member", "list"]));
+    list.lines()
+        .find(|line| line.contains(peer_url))
+        .and_then(|line| line.split(',').next())
+        .unwrap_or_else(|| panic!("{peer_url} not in member list:\n{list}"))
+        .to_string()
+}
+
+/// Adds a member entry for a new process and returns its index.
+fn new_member(cluster: &mut Cluster, name: &str) -> usize {
+    let dir = cluster.members[0].data_dir.parent().unwrap().to_path_buf();
+    cluster.members.push(Member::new(
+        name,
+        free_port(),
+        free_port(),
+        dir.join(name),
+        dir.join(format!("{name}.log")),
+    ));
+    cluster.members.len() - 1
+}
+
+/// The ETCD_INITIAL_CLUSTER line etcdctl prints after `member add`.
+fn initial_cluster_of(output: &str) -> String {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix("ETCD_INITIAL_CLUSTER="))
+        .expect("member add prints ETCD_INITIAL_CLUSTER")
+        .trim_matches('"')
+        .to_string()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn add_a_learner_promote_it_and_remove_it() {
+    let mut cluster = Cluster::start(Kind::Kvstore, 3, "grow", &[]);
+    cluster.etcdctl(0, &["put", "before", "1"]);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    let new = new_member(&mut cluster, "m3");
+    let peer_url = cluster.members[new].peer_url();
+
+    // Asked of a follower, which passes the change to the leader.
+    let added = cluster.etcdctl(
+        follower,
+        &[
+            "member",
+            "add",
+            "m3",
+            &format!("--peer-urls={peer_url}"),
+            "--learner",
+        ],
+    );
+    assert!(added.status.success(), "{}", text(&added));
+    let added_text = stdout(&added);
+    assert!(added_text.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""));
+    let id = member_id(&cluster, 0, &peer_url);
+    let list = stdout(&cluster.etcdctl(0, &["member", "list"]));
+    assert!(
+        list.contains(&format!("{id}, unstarted, , {peer_url}, , true")),
+        "{list}"
+    );
+
+    // Not started, so not in sync: promotion is refused with etcd's error.
+    let early = cluster.etcdctl(0, &["member", "promote", &id]);
+    assert!(
+        text(&early)
+            .contains("etcdserver: can only promote a learner member which is in sync with leader"),
+        "{}",
+        text(&early)
+    );
+
+    cluster.launch(new, &initial_cluster_of(&added_text), "existing");
+    wait_for("the learner to catch up", Duration::from_secs(20), || {
+        stdout(&cluster.etcdctl(
+            new,
+            &["get", "before", "--print-value-only", "--consistency=s"],
+        ))
+        .trim()
+            == "1"
+    });
+    wait_for("the promotion", Duration::from_secs(20), || {
+        cluster
+            .etcdctl(0, &["member", "promote", &id])
+            .status
+            .success()
+    });
+    let list = stdout(&cluster.etcdctl(0, &["member", "list"]));
+    assert!(
+        list.contains(&format!("{id}, started, m3, {peer_url}")),
+        "{list}"
+    );
+    assert!(!list.contains("true"), "no learner is left: {list}");
+    // The new voter takes writes.
+    assert!(cluster
+        .etcdctl(new, &["put", "from-new", "1"])
+        .status
+        .success());
+
+    let removed = cluster.etcdctl(0, &["member", "remove", &id]);
+    assert!(stdout(&removed).contains(&format!("Member {id} removed from cluster")));
+    cluster.kill(new);
+    let list = stdout(&cluster.etcdctl(0, &["member", "list"]));
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(cluster.etcdctl(0, &["put", "after", "1"]).status.success());
+}
+
+#[test]
+fn replace_a_member_whose_data_dir_was_wiped() {
+    let mut cluster = Cluster::start(Kind::Kvstore, 3, "replace", &[]);
+    cluster.etcdctl(0, &["put", "kept", "yes"]);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let lost = (leader + 1) % 3;
+    let via = (leader + 2) % 3;
+    let peer_url = cluster.members[lost].peer_url();
+    let name = cluster.members[lost].name.clone();
+    let old_id = member_id(&cluster, via, &peer_url);
+    cluster.kill(lost);
+    std::fs::remove_dir_all(&cluster.members[lost].data_dir).unwrap();
+
+    let removed = cluster.etcdctl(via, &["member", "remove", &old_id]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    let added = cluster.etcdctl(
+        via,
+        &["member", "add", &name, &format!("--peer-urls={peer_url}")],
+    );
+    assert!(added.status.success(), "{}", text(&added));
+    let new_id = member_id(&cluster, via, &peer_url);
+    assert_ne!(new_id, old_id, "a replaced member gets a new ID");
+
+    cluster.launch(lost, &initial_cluster_of(&stdout(&added)), "existing");
+    cluster.wait_healthy(Duration::from_secs(30));
+    assert_eq!(
+        stdout(&cluster.etcdctl(lost, &["get", "kept", "--print-value-only"])).trim(),
+        "yes"
+    );
+    wait_for(
+        "the new member to publish itself",
+        Duration::from_secs(10),
+        || {
+            stdout(&cluster.etcdctl(via, &["member", "list"]))
+                .contains(&format!("{new_id}, started, {name}, {peer_url}"))
+        },
+    );
+}
+
+#[test]
+fn removals_that_would_lose_the_quorum_are_refused() {
+    let mut cluster = Cluster::start(Kind::Kvstore, 3, "unsafe", &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let down = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    cluster.kill(down);
+    // Wait until the leader no longer counts the killed member as connected.
+    std::thread::sleep(Duration::from_secs(6));
+    let other_id = member_id(&cluster, leader, &cluster.members[other].peer_url());
+    let refused = cluster.etcdctl(leader, &["member", "remove", &other_id]);
+    assert!(
+        text(&refused)
+            .contains("etcdserver: re-configuration failed due to not enough started members"),
+        "{}",
+        text(&refused)
+    );
+    // Removing the member that is down leaves two connected voters of two: allowed.
+    let down_id = member_id(&cluster, leader, &cluster.members[down].peer_url());
+    let removed = cluster.etcdctl(leader, &["member", "remove", &down_id]);
+    assert!(removed.status.success(), "{}", text(&removed));
+    // Adding a voter while only... a learner limit: one learner at a time.
+    let first = cluster.etcdctl(
+        leader,
+        &[
+            "member",
+            "add",
+            "l1",
+            "--peer-urls=http://127.0.0.1:1",
+            "--learner",
+        ],
+    );
+    assert!(first.status.success(), "{}", text(&first));
+    let second = cluster.etcdctl(
+        leader,
+        &[
+            "member",
+            "add",
+            "l2",
+            "--peer-urls=http://127.0.0.1:2",
+            "--learner",
+        ],
+    );
+    assert!(
+        text(&second).contains("etcdserver: too many learner members in cluster"),
+        "{}",
+        text(&second)
+    );
+    let duplicate = cluster.etcdctl(
+        leader,
+        &["member", "add", "l3", "--peer-urls=http://127.0.0.1:1"],
+    );
+    assert!(
+        text(&duplicate).contains("etcdserver: Peer URLs already exists"),
+        "{}",
+        text(&duplicate)
+    );
+}
