@@ -158,6 +158,10 @@ pub struct Config {
     #[arg(long, env = "ETCD_INITIAL_CLUSTER")]
     pub initial_cluster: Option<String>,
 
+    /// Discovery URL used to bootstrap the cluster (etcd's v2 discovery protocol).
+    #[arg(long, env = "ETCD_DISCOVERY")]
+    pub discovery: Option<String>,
+
     /// Initial cluster token, so that clusters with different tokens never merge.
     #[arg(
         long,
@@ -274,6 +278,17 @@ impl Config {
                 "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
                 self.election_timeout, self.heartbeat_interval
             ));
+        }
+        if self.discovery.is_some() && self.initial_cluster.is_some() {
+            return Err(
+                "multiple discovery or bootstrap flags are set. Choose one of \"initial-cluster\" or \"discovery\""
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.discovery {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("--discovery {url:?} must be an http(s) URL"));
+            }
         }
         let cluster = self.initial_cluster_members()?;
         let own: Vec<String> = cluster

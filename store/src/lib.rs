@@ -7,6 +7,7 @@
 pub mod api;
 pub mod apply;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod ids;
 pub mod membership;

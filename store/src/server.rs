@@ -430,6 +430,8 @@ impl EtcdServer {
     /// bootstraps a one-member cluster.
     pub async fn start(config: &Config) -> Result<Arc<EtcdServer>, Error> {
         let data_dir = config.data_dir();
+        let mut discovered;
+        let mut config = config;
         open_data_dir(&data_dir)?;
         let storage = Storage::open(&data_dir.join("member"))?;
         let mvcc = Mvcc::open(storage.clone())?;
@@ -443,6 +445,19 @@ impl EtcdServer {
                 reason: format!("member record is corrupt: {e}"),
             })?;
         let fresh = stored_identity.is_none();
+        if let (true, Some(url)) = (fresh, &config.discovery) {
+            // The initial cluster comes from the discovery service, as etcd's does.
+            let peer_urls = config.initial_advertise_peer_urls.strings();
+            let member_id = crate::ids::member_id(&peer_urls, &config.initial_cluster_token);
+            let cluster = crate::discovery::join(url, member_id, &config.name, &peer_urls)
+                .await
+                .map_err(|e| Error::Raft(e.to_string()))?;
+            tracing::info!(initial_cluster = %cluster, "discovered the initial cluster");
+            discovered = config.clone();
+            discovered.discovery = None;
+            discovered.initial_cluster = Some(cluster);
+            config = &discovered;
+        }
         let identity = match stored_identity {
             Some(identity) => {
                 tracing::info!(member_id = %format!("{:x}", identity.member_id), "found existing member in data dir; ignoring --initial-cluster flags");

@@ -600,6 +600,47 @@ impl Cluster {
 
     /// Starts member `index` (again) with `initial_cluster` and `state`.
     pub fn launch(&mut self, index: usize, initial_cluster: &str, state: &str) {
+        let bootstrap = [
+            format!("--initial-cluster={initial_cluster}"),
+            format!("--initial-cluster-state={state}"),
+        ];
+        self.launch_with(index, &bootstrap);
+    }
+
+    /// Members that bootstrap through discovery URL `url` (not started yet).
+    pub fn unstarted(kind: Kind, size: usize, token: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let members = (0..size)
+            .map(|index| Member {
+                name: format!("m{index}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data_dir: dir.path().join(format!("m{index}")),
+                log: dir.path().join(format!("m{index}.log")),
+                child: None,
+            })
+            .collect();
+        Cluster {
+            members,
+            token: token.to_string(),
+            kind,
+            extra: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Whether member `index` exited, and with what code.
+    pub fn exit_code(&mut self, index: usize) -> Option<i32> {
+        let child = self.members[index].child.as_mut()?;
+        child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|status| status.code().unwrap_or(-1))
+    }
+
+    /// Starts member `index` with these bootstrap flags.
+    pub fn launch_with(&mut self, index: usize, bootstrap: &[String]) {
         let member = &mut self.members[index];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -617,9 +658,8 @@ impl Cluster {
                 "--initial-advertise-peer-urls={}",
                 member.peer_url()
             ))
-            .arg(format!("--initial-cluster={initial_cluster}"))
+            .args(bootstrap)
             .arg(format!("--initial-cluster-token={}", self.token))
-            .arg(format!("--initial-cluster-state={state}"))
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))

@@ -1,0 +1,132 @@
+//! Bootstrap through Debian's etcd discovery service (discovery.etcd.io backed by a
+//! Debian etcd with the v2 API), as etcd's clustering guide does it: three members
+//! started with the same discovery URL form one cluster; a fourth is refused with
+//! etcd's "cluster is full", and a member registering an ID again with etcd's
+//! "found duplicate id".
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, Cluster, Kind, Server};
+
+const DISCOVERY: &str = "/usr/bin/discovery.etcd.io";
+
+struct DiscoveryService {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for DiscoveryService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.trim().to_string())
+        .or_else(|| {
+            head.starts_with("HTTP/1.1 200")
+                .then(|| body.trim().to_string())
+        })
+}
+
+fn start_discovery(etcd: &Server) -> DiscoveryService {
+    assert!(
+        std::path::Path::new(DISCOVERY).exists(),
+        "{DISCOVERY} is missing: run scripts/deps (it installs etcd-discovery)"
+    );
+    let port = free_port();
+    let child = Command::new(DISCOVERY)
+        .arg(format!("--addr=127.0.0.1:{port}"))
+        .arg(format!("--etcd={}", etcd.url()))
+        .arg(format!("--host=http://127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the discovery service");
+    let service = DiscoveryService { child, port };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the discovery service did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    service
+}
+
+#[test]
+fn three_members_bootstrap_through_etcd_discovery() {
+    let etcd = Server::start_with(Kind::Etcd, &["--enable-v2"]);
+    let service = start_discovery(&etcd);
+    let url = http_get(service.port, "/new?size=3").expect("a discovery URL");
+    assert!(url.starts_with("http://"), "discovery URL: {url}");
+
+    let mut cluster = Cluster::unstarted(Kind::Kvstore, 4, "discovered");
+    for index in 0..3 {
+        cluster.launch_with(index, &[format!("--discovery={url}")]);
+    }
+    cluster.wait_healthy(Duration::from_secs(30));
+    let list = String::from_utf8_lossy(&cluster.etcdctl(0, &["member", "list"]).stdout).to_string();
+    assert_eq!(list.lines().count(), 3, "{list}");
+    for member in &cluster.members[..3] {
+        assert!(list.contains(&member.peer_url()), "{list}");
+    }
+    assert!(cluster.etcdctl(1, &["put", "k", "v"]).status.success());
+
+    // A fourth member finds the cluster full.
+    cluster.launch_with(3, &[format!("--discovery={url}")]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(code) = cluster.exit_code(3) {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fourth member did not give up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(code, 0);
+    assert!(
+        cluster.members[3]
+            .log_text()
+            .contains("discovery: cluster is full"),
+        "{}",
+        cluster.members[3].log_text()
+    );
+
+    // A member that lost its data dir registers its ID again: refused.
+    cluster.kill(2);
+    std::fs::remove_dir_all(&cluster.members[2].data_dir).unwrap();
+    let log_before = cluster.members[2].log_text().len();
+    cluster.launch_with(2, &[format!("--discovery={url}")]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.exit_code(2).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the re-registering member did not give up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        cluster.members[2].log_text()[log_before..].contains("discovery: found duplicate id"),
+        "{}",
+        cluster.members[2].log_text()
+    );
+}
