@@ -5,9 +5,11 @@
 
 use crate::error::EtcdError;
 use crate::mvcc::{self, KeyRange, ReadView, Writer};
+use crate::pb::etcdserverpb::alarm_request::AlarmAction;
 use crate::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::response_op::Response as OpResponse;
+use crate::pb::etcdserverpb::{AlarmMember, AlarmRequest, AlarmResponse, AlarmType};
 use crate::pb::etcdserverpb::{
     CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
     LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
@@ -25,6 +27,11 @@ pub fn apply(
     writer: &mut Writer<'_>,
     request: &InternalRaftRequest,
 ) -> Result<InternalRaftResponse, mvcc::Error> {
+    if writer.alarmed(AlarmType::Nospace as i32) && grows(request) {
+        return Ok(InternalRaftResponse {
+            response: Some(Response::Error(EtcdError::NoSpace.number())),
+        });
+    }
     let result = match &request.request {
         Some(Request::Put(put_request)) => put(writer, put_request).map(Response::Put),
         Some(Request::DeleteRange(delete)) => {
@@ -38,6 +45,7 @@ pub fn apply(
         Some(Request::LeaseRevoke(revoke)) => {
             lease_revoke(writer, revoke).map(Response::LeaseRevoke)
         }
+        Some(Request::Alarm(alarm)) => Ok(Response::Alarm(apply_alarm(writer, alarm))),
         Some(Request::MemberAttributes(attributes)) => {
             writer.put_meta(
                 &crate::storage::meta_key::member_attributes(attributes.id),
@@ -55,6 +63,58 @@ pub fn apply(
     Ok(InternalRaftResponse {
         response: Some(response),
     })
+}
+
+/// Whether a request may grow the store: refused while the NOSPACE alarm is raised,
+/// as etcd's capped applier does (deletes, compaction and alarms go through).
+fn grows(request: &InternalRaftRequest) -> bool {
+    fn txn_puts(txn: &TxnRequest) -> bool {
+        txn.success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| match &op.request {
+                Some(Op::RequestPut(_)) => true,
+                Some(Op::RequestTxn(nested)) => txn_puts(nested),
+                _ => false,
+            })
+    }
+    match &request.request {
+        Some(Request::Put(_)) | Some(Request::LeaseGrant(_)) => true,
+        Some(Request::Txn(txn)) => txn_puts(txn),
+        _ => false,
+    }
+}
+
+fn apply_alarm(writer: &mut Writer<'_>, request: &AlarmRequest) -> AlarmResponse {
+    let mut changed = Vec::new();
+    let action = AlarmAction::try_from(request.action).unwrap_or(AlarmAction::Get);
+    match action {
+        AlarmAction::Get => {}
+        AlarmAction::Activate => {
+            if request.alarm != AlarmType::None as i32
+                && writer.set_alarm(request.member_id, request.alarm, true)
+            {
+                tracing::warn!(member = %format!("{:x}", request.member_id), alarm = request.alarm, "alarm raised");
+            }
+            changed.push(AlarmMember {
+                member_id: request.member_id,
+                alarm: request.alarm,
+            });
+        }
+        AlarmAction::Deactivate => {
+            if writer.set_alarm(request.member_id, request.alarm, false) {
+                tracing::info!(member = %format!("{:x}", request.member_id), alarm = request.alarm, "alarm cleared");
+                changed.push(AlarmMember {
+                    member_id: request.member_id,
+                    alarm: request.alarm,
+                });
+            }
+        }
+    }
+    AlarmResponse {
+        header: header(writer.current_revision()),
+        alarms: changed,
+    }
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {

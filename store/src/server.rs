@@ -693,8 +693,42 @@ impl EtcdServer {
         Ok(response)
     }
 
+    /// etcd's quota: a request that would take the backend over
+    /// `--quota-backend-bytes` raises the NOSPACE alarm and is refused.
+    async fn check_quota(&self, cost: usize) -> Result<(), Error> {
+        let quota = self.limits.quota_backend_bytes;
+        if quota <= 0 || self.storage.size_bytes() as i64 + cost as i64 <= quota {
+            return Ok(());
+        }
+        let alarm = crate::pb::etcdserverpb::AlarmRequest {
+            action: crate::pb::etcdserverpb::alarm_request::AlarmAction::Activate as i32,
+            member_id: self.identity.member_id,
+            alarm: crate::pb::etcdserverpb::AlarmType::Nospace as i32,
+        };
+        if let Err(error) = self.propose_request(Proposal::Alarm(alarm)).await {
+            tracing::warn!(%error, "cannot raise the NOSPACE alarm");
+        }
+        Err(EtcdError::NoSpace.into())
+    }
+
+    /// Raises, clears or lists alarms through Raft.
+    pub async fn alarm(
+        &self,
+        request: crate::pb::etcdserverpb::AlarmRequest,
+    ) -> Result<crate::pb::etcdserverpb::AlarmResponse, Error> {
+        match self.propose_request(Proposal::Alarm(request)).await? {
+            Response::Alarm(mut response) => {
+                self.fill_header(&mut response.header);
+                Ok(response)
+            }
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// A Put, through Raft.
     pub async fn put(&self, request: PutRequest) -> Result<PutResponse, Error> {
+        self.check_quota(prost::Message::encoded_len(&request))
+            .await?;
         match self.propose_request(Proposal::Put(request)).await? {
             Response::Put(mut response) => {
                 self.fill_header(&mut response.header);
@@ -730,6 +764,8 @@ impl EtcdServer {
             self.fill_header(&mut response.header);
             return Ok(response);
         }
+        self.check_quota(prost::Message::encoded_len(&request))
+            .await?;
         match self.propose_request(Proposal::Txn(request)).await? {
             Response::Txn(mut response) => {
                 self.fill_header(&mut response.header);
@@ -753,6 +789,8 @@ impl EtcdServer {
             id,
             ttl: ttl.max(self.limits.min_lease_ttl),
         };
+        self.check_quota(prost::Message::encoded_len(&request))
+            .await?;
         match self.propose_request(Proposal::LeaseGrant(request)).await? {
             Response::LeaseGrant(mut response) => {
                 self.fill_header(&mut response.header);

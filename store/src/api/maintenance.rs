@@ -8,9 +8,10 @@ use tonic::{Request, Response, Status};
 
 use crate::pb::etcdserverpb::maintenance_server::Maintenance;
 use crate::pb::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, DowngradeRequest,
-    DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
-    MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
+    AlarmMember, AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse,
+    DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest,
+    StatusResponse,
 };
 use crate::server::EtcdServer;
 
@@ -40,12 +41,17 @@ impl Maintenance for MaintenanceService {
     ) -> Result<Response<AlarmResponse>, Status> {
         let request = request.into_inner();
         if request.action != crate::pb::etcdserverpb::alarm_request::AlarmAction::Get as i32 {
-            return Err(not_yet("activating or deactivating alarms"));
+            return Ok(Response::new(self.server.alarm(request).await?));
         }
-        // No alarm is ever raised by this version: the quota alarm comes with clustering.
         Ok(Response::new(AlarmResponse {
             header: self.server.header(0),
-            alarms: Vec::new(),
+            alarms: self
+                .server
+                .mvcc()
+                .alarms()
+                .into_iter()
+                .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
+                .collect(),
         }))
     }
 
@@ -64,7 +70,18 @@ impl Maintenance for MaintenanceService {
             raft_index,
             raft_term,
             raft_applied_index: applied_index,
-            errors: Vec::new(),
+            // As etcd: each raised alarm in protobuf text form.
+            errors: self
+                .server
+                .mvcc()
+                .alarms()
+                .into_iter()
+                .map(|(member, alarm)| {
+                    let name = crate::pb::etcdserverpb::AlarmType::try_from(alarm)
+                        .map_or_else(|_| alarm.to_string(), |a| a.as_str_name().to_string());
+                    format!("memberID:{member} alarm:{name} ")
+                })
+                .collect(),
             db_size_in_use: storage.size_in_use_bytes() as i64,
             is_learner,
             storage_version: String::new(),

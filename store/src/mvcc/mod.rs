@@ -111,6 +111,8 @@ struct IndexState {
     current_revision: i64,
     compact_revision: i64,
     leases: LeaseTable,
+    /// Raised alarms: (member ID, alarm type).
+    alarms: std::collections::BTreeSet<(u64, i32)>,
 }
 
 /// The MVCC store of one member, with its watchers and leases.
@@ -339,6 +341,16 @@ fn load_state(storage: &Storage) -> Result<IndexState, Error> {
     for (id, ttl) in storage.leases()? {
         state.leases.insert(id, ttl);
     }
+    for (key, _) in storage.meta_with_prefix(meta_key::ALARM_PREFIX)? {
+        if let (Ok(member), Ok(alarm)) = (
+            <[u8; 8]>::try_from(&key[..key.len().min(8)]),
+            <[u8; 4]>::try_from(&key[key.len().min(8)..]),
+        ) {
+            state
+                .alarms
+                .insert((u64::from_be_bytes(member), i32::from_be_bytes(alarm)));
+        }
+    }
     // The lease each live key carries, from its newest value.
     let mut lease_of_key: HashMap<Vec<u8>, i64> = HashMap::new();
     let iterator = storage
@@ -409,6 +421,11 @@ impl Mvcc {
         drop(state);
         self.hub.restore(current);
         Ok(())
+    }
+
+    /// Raised alarms: (member ID, alarm type).
+    pub fn alarms(&self) -> Vec<(u64, i32)> {
+        self.state.read().alarms.iter().copied().collect()
     }
 
     /// Lease deadlines (kept by the leader).
@@ -666,6 +683,30 @@ impl Writer<'_> {
             at.to_be_bytes(),
         );
         Ok(())
+    }
+
+    /// Raises (`active`) or clears an alarm; returns whether anything changed.
+    pub fn set_alarm(&mut self, member: u64, alarm: i32, active: bool) -> bool {
+        let key = meta_key::alarm(member, alarm);
+        let changed = if active {
+            self.state.alarms.insert((member, alarm))
+        } else {
+            self.state.alarms.remove(&(member, alarm))
+        };
+        if changed {
+            let cf = self.storage.cf(CF_META);
+            if active {
+                self.batch.put_cf(cf, key, b"");
+            } else {
+                self.batch.delete_cf(cf, key);
+            }
+        }
+        changed
+    }
+
+    /// Whether any member raised `alarm`.
+    pub fn alarmed(&self, alarm: i32) -> bool {
+        self.state.alarms.iter().any(|(_, raised)| *raised == alarm)
     }
 
     /// Adds a write to the meta column family (member attributes) to the batch.

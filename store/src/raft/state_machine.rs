@@ -28,6 +28,8 @@ use crate::storage::{meta_key, Storage, WriteBatch, CF_KV, CF_META};
 pub type SnapshotFile = tokio::fs::File;
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSNAP01";
+/// Meta records that are part of the replicated state, besides leases.
+const REPLICATED_META: &[&[u8]] = &[meta_key::MEMBER_ATTRIBUTES_PREFIX, meta_key::ALARM_PREFIX];
 /// Records per RocksDB batch while a snapshot stream is read.
 const INSTALL_BATCH_BYTES: usize = 16 << 20;
 
@@ -45,8 +47,9 @@ struct StreamHeader {
     current_revision: i64,
     /// Granted leases: (ID, TTL in seconds). Their keys are found from the values.
     leases: Vec<(i64, i64)>,
-    /// Member attributes: (member ID bytes, encoded attributes).
-    member_attributes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Other replicated records of the meta column family (member attributes,
+    /// alarms), with their full keys.
+    meta: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Applied state shared between the state machine and its snapshot builders.
@@ -267,9 +270,18 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
         compact_revision: read_i64(meta_key::COMPACT_REVISION)?,
         current_revision: read_i64(meta_key::CURRENT_REVISION)?,
         leases: storage.leases().map_err(std::io::Error::other)?,
-        member_attributes: storage
-            .meta_with_prefix(meta_key::MEMBER_ATTRIBUTES_PREFIX)
-            .map_err(std::io::Error::other)?,
+        meta: {
+            let mut records = Vec::new();
+            for prefix in REPLICATED_META {
+                for (key, value) in storage
+                    .meta_with_prefix(prefix)
+                    .map_err(std::io::Error::other)?
+                {
+                    records.push(([*prefix, &key].concat(), value));
+                }
+            }
+            records
+        },
     };
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -429,16 +441,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let meta_cf = storage.cf(CF_META);
-        for prefix in [meta_key::LEASE_PREFIX, meta_key::MEMBER_ATTRIBUTES_PREFIX] {
-            batch.delete_range_cf(meta_cf, prefix, &Storage::prefix_end(prefix));
+        for prefix in [meta_key::LEASE_PREFIX].iter().chain(REPLICATED_META) {
+            batch.delete_range_cf(meta_cf, *prefix, Storage::prefix_end(prefix).as_slice());
         }
         for (id, ttl) in &header.leases {
             batch.put_cf(meta_cf, meta_key::lease(*id), ttl.to_be_bytes());
         }
-        for (id, attributes) in &header.member_attributes {
-            let mut key = meta_key::MEMBER_ATTRIBUTES_PREFIX.to_vec();
-            key.extend_from_slice(id);
-            batch.put_cf(meta_cf, key, attributes);
+        for (key, value) in &header.meta {
+            batch.put_cf(meta_cf, key, value);
         }
         batch.put_cf(
             meta_cf,

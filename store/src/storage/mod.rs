@@ -51,6 +51,18 @@ pub mod meta_key {
     /// follows, an encoded `kvstorepb.MemberAttributes` is the value.
     pub const MEMBER_ATTRIBUTES_PREFIX: &[u8] = b"member_attr/";
 
+    /// Prefix of raised alarms: member ID (8 bytes big-endian) and alarm type (4
+    /// bytes big-endian) follow; the value is empty.
+    pub const ALARM_PREFIX: &[u8] = b"alarm/";
+
+    /// The key of an alarm.
+    pub fn alarm(member: u64, alarm: i32) -> Vec<u8> {
+        let mut key = ALARM_PREFIX.to_vec();
+        key.extend_from_slice(&member.to_be_bytes());
+        key.extend_from_slice(&alarm.to_be_bytes());
+        key
+    }
+
     /// The key of member `id`'s attributes.
     pub fn member_attributes(id: u64) -> Vec<u8> {
         let mut key = MEMBER_ATTRIBUTES_PREFIX.to_vec();
