@@ -15,6 +15,7 @@ pub mod mvcc;
 pub mod pb;
 pub mod proposer;
 pub mod raft;
+pub mod restore;
 pub mod server;
 pub mod storage;
 

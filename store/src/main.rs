@@ -133,6 +133,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("snapshot") {
+        return snapshot_command(&args[2..]);
+    }
     let config = Config::parse();
     init_logging(config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -149,6 +153,34 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kvstore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `kvstore snapshot restore FILE [flags]`, as `etcdutl snapshot restore`.
+fn snapshot_command(args: &[String]) -> ExitCode {
+    init_logging(LogLevel::Info);
+    if args.first().map(String::as_str) != Some("restore") {
+        eprintln!("kvstore: usage: kvstore snapshot restore FILE --name NAME --data-dir DIR --initial-cluster ... --initial-cluster-token ... --initial-advertise-peer-urls ...");
+        return ExitCode::from(2);
+    }
+    let restore_args = match kvstore::restore::RestoreArgs::try_parse_from(
+        std::iter::once("kvstore snapshot restore".to_string()).chain(args[1..].iter().cloned()),
+    ) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(2);
+        }
+    };
+    match kvstore::restore::restore(&restore_args) {
+        Ok(dir) => {
+            println!("restored snapshot to {}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kvstore: {error:#}");
             ExitCode::FAILURE
         }
     }

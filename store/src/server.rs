@@ -136,7 +136,7 @@ pub struct EtcdServer {
 
 /// The identity of a founding member: IDs derived from the peer URLs of
 /// `--initial-cluster` and the token, as etcd derives them.
-fn new_member_identity(config: &Config) -> Result<Identity, Error> {
+pub fn new_member_identity(config: &Config) -> Result<Identity, Error> {
     let members = config.initial_cluster_members().map_err(Error::Raft)?;
     let peer_urls = config.initial_advertise_peer_urls.strings();
     let token = &config.initial_cluster_token;
@@ -157,7 +157,7 @@ fn new_member_identity(config: &Config) -> Result<Identity, Error> {
 }
 
 /// The founding membership: every `--initial-cluster` member as a voter.
-fn initial_members(config: &Config) -> Result<BTreeMap<u64, BasicNode>, Error> {
+pub fn initial_members(config: &Config) -> Result<BTreeMap<u64, BasicNode>, Error> {
     let token = &config.initial_cluster_token;
     let mut urls_by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, url) in config.initial_cluster_members().map_err(Error::Raft)? {
@@ -528,11 +528,24 @@ impl EtcdServer {
             .map_err(|e| Error::Raft(e.to_string()))?
             .map_err(|e| Error::Raft(e.to_string()))?;
 
-        let bootstrap = fresh && config.initial_cluster_state == ClusterState::New;
+        let restored: Option<BTreeMap<u64, BasicNode>> = storage
+            .get(CF_META, meta_key::BOOTSTRAP)?
+            .and_then(|bytes| bincode::deserialize(&bytes).ok());
+        let bootstrap =
+            (fresh && config.initial_cluster_state == ClusterState::New) || restored.is_some();
         if bootstrap {
             // Every founding member initializes with the same membership; openraft
-            // accepts the identical first entry from each.
-            let members = initial_members(config)?;
+            // accepts the identical first entry from each. A restored data dir
+            // carries the membership its restore was given.
+            let members = match restored {
+                Some(members) => {
+                    let mut batch = WriteBatch::default();
+                    batch.delete_cf(storage.cf(CF_META), meta_key::BOOTSTRAP);
+                    storage.write(batch, true)?;
+                    members
+                }
+                None => initial_members(config)?,
+            };
             match raft.initialize(members).await {
                 Ok(()) => {}
                 Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
@@ -969,6 +982,32 @@ impl EtcdServer {
             Err(RaftError::APIError(_)) => Err(EtcdError::NoLeader.into()),
             Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped.into()),
         }
+    }
+
+    /// Exports the current state as a snapshot stream file (already unlinked: the
+    /// handle is all that is left of it).
+    pub async fn export_snapshot(&self) -> std::io::Result<std::fs::File> {
+        let storage = self.storage.clone();
+        let dir = storage
+            .path()
+            .parent()
+            .map(|data| data.join("snap"))
+            .unwrap_or_else(|| storage.path().join("snap"));
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            let nonce = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_nanos());
+            let scratch = dir.join(format!("export-{nonce}"));
+            let path = dir.join(format!("export-{nonce}.stream"));
+            let file = crate::raft::state_machine::export(&storage, &scratch, &path)?;
+            std::fs::remove_file(&path)?;
+            let mut file = file;
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))?;
+            Ok(file)
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// The member's identity and the cluster's members, for joining members.

@@ -238,13 +238,22 @@ fn write_frame(writer: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
     writer.write_all(bytes)
 }
 
-/// Reads one length-prefixed frame; None at a clean end of stream.
+/// The frame length that ends the records; padding may follow it.
+const END_OF_RECORDS: u32 = u32::MAX;
+/// Streams are padded to a multiple of this, so that with etcd's 32-byte SHA-256
+/// trailer their size is what `etcdctl snapshot save` checks for.
+const STREAM_ALIGNMENT: u64 = 512;
+
+/// Reads one length-prefixed frame; None at the end of the records.
 fn read_frame(reader: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
     let mut length = [0u8; 4];
     match reader.read_exact(&mut length) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
+    }
+    if u32::from_be_bytes(length) == END_OF_RECORDS {
+        return Ok(None);
     }
     let mut bytes = vec![0u8; u32::from_be_bytes(length) as usize];
     reader.read_exact(&mut bytes)?;
@@ -300,9 +309,85 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
         write_frame(&mut writer, &key)?;
         write_frame(&mut writer, &value)?;
     }
-    let file = writer.into_inner().map_err(|e| e.into_error())?;
+    writer.write_all(&END_OF_RECORDS.to_be_bytes())?;
+    let mut file = writer.into_inner().map_err(|e| e.into_error())?;
+    let length = file.metadata()?.len();
+    let padding = (STREAM_ALIGNMENT - length % STREAM_ALIGNMENT) % STREAM_ALIGNMENT;
+    file.write_all(&vec![0u8; padding as usize])?;
     file.sync_all()?;
     Ok(file)
+}
+
+/// Reads a snapshot stream into `storage`: history records are written in bounded
+/// batches as they come (not yet visible as applied); the returned batch holds the
+/// rest (revisions, leases, replicated meta) for the caller to write last. Returns
+/// it with the stream's current revision.
+pub fn load_stream(
+    reader: &mut impl Read,
+    storage: &Storage,
+) -> std::io::Result<(WriteBatch, i64)> {
+    let invalid = |message: String| std::io::Error::new(std::io::ErrorKind::InvalidData, message);
+    let mut magic = [0u8; 8];
+    reader.read_exact(&mut magic)?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err(invalid("not a kvstore snapshot stream".into()));
+    }
+    let header: StreamHeader = bincode::deserialize(&read_required_frame(reader)?)
+        .map_err(|e| invalid(format!("malformed snapshot header: {e}")))?;
+    let kv = storage.cf(CF_KV);
+    let mut batch = WriteBatch::default();
+    // Revision keys start with a non-negative big-endian i64, so all sort below 0xff.
+    batch.delete_range_cf(kv, Vec::<u8>::new(), vec![0xffu8]);
+    let mut batch_bytes = 0;
+    while let Some(key) = read_frame(reader)? {
+        if crate::mvcc::Revision::from_key(&key).is_none() {
+            return Err(invalid(format!(
+                "malformed revision key {key:?} in snapshot"
+            )));
+        }
+        let value = read_required_frame(reader)?;
+        batch_bytes += key.len() + value.len();
+        batch.put_cf(kv, key, value);
+        if batch_bytes > INSTALL_BATCH_BYTES {
+            storage
+                .write(std::mem::take(&mut batch), false)
+                .map_err(std::io::Error::other)?;
+            batch_bytes = 0;
+        }
+    }
+    let meta_cf = storage.cf(CF_META);
+    for prefix in [meta_key::LEASE_PREFIX].iter().chain(REPLICATED_META) {
+        batch.delete_range_cf(meta_cf, *prefix, Storage::prefix_end(prefix).as_slice());
+    }
+    for (id, ttl) in &header.leases {
+        batch.put_cf(meta_cf, meta_key::lease(*id), ttl.to_be_bytes());
+    }
+    for (key, value) in &header.meta {
+        batch.put_cf(meta_cf, key, value);
+    }
+    batch.put_cf(
+        meta_cf,
+        meta_key::COMPACT_REVISION,
+        header.compact_revision.to_be_bytes(),
+    );
+    batch.put_cf(
+        meta_cf,
+        meta_key::CURRENT_REVISION,
+        header.current_revision.to_be_bytes(),
+    );
+    Ok((batch, header.current_revision))
+}
+
+/// Writes the current state of `storage` as a snapshot stream file at `path`, through
+/// a checkpoint in `scratch` (removed afterwards). For the Snapshot RPC.
+pub fn export(storage: &Storage, scratch: &Path, path: &Path) -> std::io::Result<std::fs::File> {
+    if scratch.exists() {
+        std::fs::remove_dir_all(scratch)?;
+    }
+    storage.checkpoint(scratch).map_err(std::io::Error::other)?;
+    let result = export_checkpoint(scratch, path);
+    let _ = std::fs::remove_dir_all(scratch);
+    result
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -404,67 +489,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))
             .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
-        let mut reader = BufReader::new(file);
-        let mut magic = [0u8; 8];
-        reader
-            .read_exact(&mut magic)
-            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
-        if &magic != SNAPSHOT_MAGIC {
-            let error = std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "not a kvstore snapshot stream",
-            );
-            return Err(io_error(signature(), ErrorVerb::Read, &error));
-        }
-        let header_bytes = read_required_frame(&mut reader)
-            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
-        let header: StreamHeader = decode(&header_bytes, signature())?;
-
         let mvcc = &self.shared.mvcc;
-        let storage = mvcc.storage();
-        let kv = storage.cf(CF_KV);
-        let mut batch = WriteBatch::default();
-        // Revision keys start with a non-negative big-endian i64, so all sort below 0xff.
-        batch.delete_range_cf(kv, Vec::<u8>::new(), vec![0xffu8]);
-        let mut batch_bytes = 0;
-        let read_error = |e: std::io::Error| io_error(signature(), ErrorVerb::Read, &e);
-        while let Some(key) = read_frame(&mut reader).map_err(read_error)? {
-            let value = read_required_frame(&mut reader).map_err(read_error)?;
-            batch_bytes += key.len() + value.len();
-            batch.put_cf(kv, key, value);
-            if batch_bytes > INSTALL_BATCH_BYTES {
-                // Not yet visible as applied: the applied log id is written last.
-                storage
-                    .write(std::mem::take(&mut batch), false)
-                    .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
-                batch_bytes = 0;
-            }
-        }
-        let meta_cf = storage.cf(CF_META);
-        for prefix in [meta_key::LEASE_PREFIX].iter().chain(REPLICATED_META) {
-            batch.delete_range_cf(meta_cf, *prefix, Storage::prefix_end(prefix).as_slice());
-        }
-        for (id, ttl) in &header.leases {
-            batch.put_cf(meta_cf, meta_key::lease(*id), ttl.to_be_bytes());
-        }
-        for (key, value) in &header.meta {
-            batch.put_cf(meta_cf, key, value);
-        }
-        batch.put_cf(
-            meta_cf,
-            meta_key::COMPACT_REVISION,
-            header.compact_revision.to_be_bytes(),
-        );
-        batch.put_cf(
-            meta_cf,
-            meta_key::CURRENT_REVISION,
-            header.current_revision.to_be_bytes(),
-        );
+        let (mut batch, current_revision) = load_stream(&mut BufReader::new(file), mvcc.storage())
+            .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
         record_applied(&mut batch, mvcc, &meta.last_log_id, &meta.last_membership);
         mvcc.replace(batch)
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
-        tracing::info!(snapshot_id = %meta.snapshot_id, revision = header.current_revision, "installed snapshot from the leader");
+        tracing::info!(snapshot_id = %meta.snapshot_id, revision = current_revision, "installed snapshot from the leader");
         self.take_checkpoint(Some(meta)).map(|_| ())
     }
 

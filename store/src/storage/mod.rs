@@ -41,6 +41,9 @@ pub mod meta_key {
     pub const CURRENT_REVISION: &[u8] = b"current_revision";
     /// The member's identity: name, cluster token, peer URLs, member and cluster ID.
     pub const MEMBER: &[u8] = b"member";
+    /// The founding membership of a data dir made by `kvstore snapshot restore`,
+    /// used once at its first start.
+    pub const BOOTSTRAP: &[u8] = b"bootstrap";
     /// The last snapshot's metadata and data.
     pub const SNAPSHOT: &[u8] = b"snapshot";
     /// Prefix of lease records: the lease ID (8 bytes big-endian) follows, the
