@@ -78,10 +78,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
     let mut serving = tokio::task::JoinSet::new();
-    for (url, listener) in listeners {
-        let routes = kvstore::api::routes(server.clone());
+    let serve = |serving: &mut tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+                 listener: TcpListener,
+                 routes: tonic::service::Routes| {
         let mut shutdown = shutdown.clone();
-        tracing::info!(%url, "serving client requests");
         serving.spawn(async move {
             // Small responses must not wait for Nagle's algorithm.
             let incoming =
@@ -93,32 +93,30 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 })
                 .await
         });
-    }
-
+    };
     for (url, listener) in peer_listeners {
-        let routes = kvstore::api::peer::peer_routes(server.clone());
-        let mut shutdown = shutdown.clone();
         tracing::info!(%url, "serving peer requests");
-        serving.spawn(async move {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            tonic::transport::Server::builder()
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = shutdown.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        serve(
+            &mut serving,
+            listener,
+            kvstore::api::peer::peer_routes(server.clone()),
+        );
     }
 
-    // Clients are served at once; requests wait for a leader as etcd's do.
-    server
-        .wait_for_leader(std::time::Duration::from_millis(
-            config.election_timeout * 4,
-        ))
-        .await;
-
+    // As etcd: clients are served once this member has published its name and
+    // client URLs through the log (which needs a leader); until then connections
+    // wait in the listen queue.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = server.wait_published() => {}
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+        _ = terminate.recv() => return Ok(()),
+    }
+    for (url, listener) in listeners {
+        tracing::info!(%url, "serving client requests");
+        serve(&mut serving, listener, kvstore::api::routes(server.clone()));
+    }
+
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("received interrupt, shutting down"),
         _ = terminate.recv() => tracing::info!("received SIGTERM, shutting down"),

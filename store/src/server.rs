@@ -602,6 +602,17 @@ impl EtcdServer {
         Ok(server)
     }
 
+    /// Waits until this member's attributes are applied (see `publish_attributes`).
+    pub async fn wait_published(&self) {
+        loop {
+            let own = self.member_attributes().remove(&self.identity.member_id);
+            if own.is_some_and(|a| a.name == self.name && a.client_urls == self.client_urls) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits up to `timeout` until a leader is known.
     pub async fn wait_for_leader(&self, timeout: Duration) {
         let mut metrics = self.raft.metrics();
