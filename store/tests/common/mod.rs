@@ -535,24 +535,8 @@ impl Member {
 impl Cluster {
     /// Starts `size` members with `--initial-cluster-state new` and `token`.
     pub fn start(kind: Kind, size: usize, token: &str, extra: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let members = (0..size)
-            .map(|index| Member {
-                name: format!("m{index}"),
-                client_port: free_port(),
-                peer_port: free_port(),
-                data_dir: dir.path().join(format!("m{index}")),
-                log: dir.path().join(format!("m{index}.log")),
-                child: None,
-            })
-            .collect();
-        let mut cluster = Cluster {
-            members,
-            token: token.to_string(),
-            kind,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            _dir: dir,
-        };
+        let mut cluster = Cluster::unstarted(kind, size, token);
+        cluster.extra = extra.iter().map(|s| s.to_string()).collect();
         let initial = cluster.initial_cluster();
         for index in 0..size {
             cluster.launch(index, &initial, "new");
@@ -564,24 +548,7 @@ impl Cluster {
     /// Starts `size` members whose `--initial-cluster` also names a member at
     /// `foreign_peer_url` that is not started (it belongs to another cluster).
     pub fn start_partial(kind: Kind, size: usize, token: &str, foreign_peer_url: &str) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let members = (0..size)
-            .map(|index| Member {
-                name: format!("m{index}"),
-                client_port: free_port(),
-                peer_port: free_port(),
-                data_dir: dir.path().join(format!("m{index}")),
-                log: dir.path().join(format!("m{index}.log")),
-                child: None,
-            })
-            .collect();
-        let mut cluster = Cluster {
-            members,
-            token: token.to_string(),
-            kind,
-            extra: Vec::new(),
-            _dir: dir,
-        };
+        let mut cluster = Cluster::unstarted(kind, size, token);
         let initial = format!("{},foreign={foreign_peer_url}", cluster.initial_cluster());
         for index in 0..size {
             cluster.launch(index, &initial, "new");
@@ -607,7 +574,7 @@ impl Cluster {
         self.launch_with(index, &bootstrap);
     }
 
-    /// Members that bootstrap through discovery URL `url` (not started yet).
+    /// Members on fresh ports and data dirs, not started yet.
     pub fn unstarted(kind: Kind, size: usize, token: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let members = (0..size)
