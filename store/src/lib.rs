@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod error;
 pub mod ids;
 pub mod membership;
+pub mod metrics;
 pub mod mvcc;
 pub mod pb;
 pub mod proposer;

@@ -87,6 +87,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tonic::transport::Server::builder()
+                .accept_http1(true)
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = shutdown.wait_for(|stop| *stop).await;

@@ -75,9 +75,24 @@ impl Proposer {
                 reply,
             })
             .map_err(|_| ProposeError::Etcd(EtcdError::Stopped))?;
-        result
+        let metrics = &crate::metrics::METRICS;
+        metrics.proposals_pending.inc();
+        let outcome = result
             .await
-            .map_err(|_| ProposeError::Etcd(EtcdError::Stopped))?
+            .map_err(|_| ProposeError::Etcd(EtcdError::Stopped));
+        metrics.proposals_pending.dec();
+        // A proposal fails when consensus does, not when the request was refused.
+        if matches!(
+            outcome,
+            Err(_)
+                | Ok(Err(ProposeError::Raft(_)))
+                | Ok(Err(ProposeError::Etcd(
+                    EtcdError::NoLeader | EtcdError::Stopped | EtcdError::LeaderChanged
+                )))
+        ) {
+            metrics.proposals_failed.inc();
+        }
+        outcome?
     }
 }
 

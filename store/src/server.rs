@@ -318,11 +318,19 @@ async fn follow_leadership(server: std::sync::Weak<EtcdServer>) {
         return;
     };
     let mut leading_term = None;
+    let mut known_leader = None;
     loop {
-        let (state, term) = {
+        let (state, term, leader) = {
             let current = metrics.borrow_and_update();
-            (current.state, current.current_term)
+            (current.state, current.current_term, current.current_leader)
         };
+        if leader.is_some() && leader != known_leader {
+            crate::metrics::METRICS.leader_changes.inc();
+            tracing::info!(leader = %format!("{:x}", leader.unwrap_or(0)), term, "leader changed");
+        }
+        if leader.is_some() {
+            known_leader = leader;
+        }
         let Some(server) = server.upgrade() else {
             return;
         };
@@ -1118,11 +1126,36 @@ impl EtcdServer {
         &self.peers
     }
 
+    /// The leader this member knows of now: none while it campaigns or once its vote
+    /// is no longer a leader's (openraft keeps the last leader in `current_leader`),
+    /// and, as etcd's CheckQuorum, none on a leader that has not heard from a quorum
+    /// of voters within an election timeout.
+    fn known_leader(&self, metrics: &openraft::RaftMetrics<u64, BasicNode>) -> Option<u64> {
+        match metrics.state {
+            ServerState::Leader => {
+                let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
+                let heard = voters
+                    .iter()
+                    .filter(|id| {
+                        **id == metrics.id
+                            || self
+                                .peers
+                                .answered_within(**id, self.limits.election_timeout)
+                    })
+                    .count();
+                (heard > voters.len() / 2).then_some(metrics.id)
+            }
+            ServerState::Candidate => None,
+            _ if metrics.vote.is_committed() => metrics.current_leader,
+            _ => None,
+        }
+    }
+
     /// Raft status for the Status RPC: leader, last log index, term, applied index.
     pub fn raft_status(&self) -> (u64, u64, u64, u64, bool) {
         let metrics = self.raft.metrics().borrow().clone();
         (
-            metrics.current_leader.unwrap_or(0),
+            self.known_leader(&metrics).unwrap_or(0),
             metrics.last_log_index.unwrap_or(0),
             metrics.current_term,
             metrics.last_applied.map_or(0, |log_id| log_id.index),

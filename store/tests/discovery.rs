@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,24 +23,6 @@ impl Drop for DiscoveryService {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200")
-        .then(|| body.trim().to_string())
-        .or_else(|| {
-            head.starts_with("HTTP/1.1 200")
-                .then(|| body.trim().to_string())
-        })
 }
 
 fn start_discovery(etcd: &Server) -> DiscoveryService {
@@ -74,7 +55,9 @@ fn start_discovery(etcd: &Server) -> DiscoveryService {
 fn three_members_bootstrap_through_etcd_discovery() {
     let etcd = Server::start_with(Kind::Etcd, &["--enable-v2"]);
     let service = start_discovery(&etcd);
-    let url = http_get(service.port, "/new?size=3").expect("a discovery URL");
+    let (status, body) = common::http_get(service.port, "/new?size=3").expect("a discovery URL");
+    assert_eq!(status, 200, "{body}");
+    let url = body.trim().to_string();
     assert!(url.starts_with("http://"), "discovery URL: {url}");
 
     let mut cluster = Cluster::unstarted(Kind::Kvstore, 4, "discovered");

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod election;
+pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod lock;
@@ -25,8 +26,17 @@ use crate::server::EtcdServer;
 /// gRPC's own framing on top of `--max-request-bytes`, as etcd allows.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 
-/// All client services of a member, ready to serve.
+/// All client services of a member, ready to serve: gRPC, and HTTP/1.1 or HTTP/2
+/// for the metrics, health and version endpoints on the same port.
 pub fn routes(server: Arc<EtcdServer>) -> tonic::service::Routes {
+    let router = grpc_routes(server.clone())
+        .into_axum_router()
+        .merge(http::router(server))
+        .layer(axum::middleware::from_fn(http::grpc_metrics));
+    tonic::service::Routes::from(router)
+}
+
+fn grpc_routes(server: Arc<EtcdServer>) -> tonic::service::Routes {
     let max_message = server.limits().max_request_bytes + GRPC_OVERHEAD_BYTES;
     tonic::service::Routes::new(
         KvServer::new(kv::KvService::new(server.clone()))

@@ -195,10 +195,15 @@ fn writer_loop(shared: std::sync::Weak<Shared>, receiver: mpsc::Receiver<WriterC
         let result = if batch.is_empty() {
             Ok(())
         } else {
-            shared
+            let started = std::time::Instant::now();
+            let written = shared
                 .storage
                 .write(batch, true)
-                .map_err(std::io::Error::other)
+                .map_err(std::io::Error::other);
+            crate::metrics::METRICS
+                .wal_fsync
+                .observe(started.elapsed().as_secs_f64());
+            written
         };
         if let (Ok(()), Some(last_index)) = (&result, last_index) {
             shared.cache.lock().trim(last_index);

@@ -184,6 +184,7 @@ impl PeerConnection {
                 _ => client.install_snapshot(message).await,
             }
         };
+        let started = Instant::now();
         let response = match tokio::time::timeout(option.hard_ttl(), call).await {
             Err(_) => return Err(network(format!("{method} to {:x} timed out", self.target))),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
@@ -204,6 +205,12 @@ impl PeerConnection {
             Ok(Ok(response)) => response.into_inner(),
         };
         self.peers.answered(self.target);
+        if method == "append_entries" {
+            crate::metrics::METRICS
+                .peer_round_trip
+                .with_label_values(&[&format!("{:x}", self.target)])
+                .observe(started.elapsed().as_secs_f64());
+        }
         let result: RemoteResult<Resp, E> = decode(&response.payload).map_err(network)?;
         result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
     }

@@ -444,9 +444,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             responses.push(Response(RaftBatchResponse { responses: results }));
         }
         record_applied(writer.batch(), mvcc, &last_applied, &membership);
+        let started = std::time::Instant::now();
         writer
             .commit()
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
+        crate::metrics::METRICS
+            .backend_commit
+            .observe(started.elapsed().as_secs_f64());
         *self.shared.applied.lock() = (last_applied, membership);
         self.shared
             .requests_since_snapshot
