@@ -110,6 +110,16 @@ pub enum LogLevel {
     Fatal,
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[value(alias = "console")]
+    Text,
+    /// One JSON object per line, fields included.
+    Json,
+}
+
 /// The kvstore server: an etcd-compatible key-value store.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kvstore", version = concat!(env!("CARGO_PKG_VERSION"), " (etcd API 3.5)"), about)]
@@ -210,6 +220,10 @@ pub struct Config {
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", value_enum, default_value = "info")]
     pub log_level: LogLevel,
+
+    /// Log format: text (also "console") or json.
+    #[arg(long, env = "ETCD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 /// Parses a Go duration ("1h30m", "10m", "500ms", "1.5s"), as etcd's flags take them.

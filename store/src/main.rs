@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use kvstore::config::{Config, LogLevel, MemberUrl};
+use kvstore::config::{Config, LogFormat, LogLevel, MemberUrl};
 use kvstore::server::EtcdServer;
 use tokio::net::TcpListener;
 
@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn init_logging(level: LogLevel) {
+fn init_logging(level: LogLevel, format: LogFormat) {
     let level = match level {
         LogLevel::Debug => "debug",
         LogLevel::Info => "info",
@@ -26,10 +26,13 @@ fn init_logging(level: LogLevel) {
     } else {
         format!("{level},openraft=warn")
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 async fn bind(url: &MemberUrl) -> anyhow::Result<TcpListener> {
@@ -137,7 +140,7 @@ fn main() -> ExitCode {
         return snapshot_command(&args[2..]);
     }
     let config = Config::parse();
-    init_logging(config.log_level);
+    init_logging(config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,7 +162,7 @@ fn main() -> ExitCode {
 
 /// `kvstore snapshot restore FILE [flags]`, as `etcdutl snapshot restore`.
 fn snapshot_command(args: &[String]) -> ExitCode {
-    init_logging(LogLevel::Info);
+    init_logging(LogLevel::Info, LogFormat::Text);
     if args.first().map(String::as_str) != Some("restore") {
         eprintln!("kvstore: usage: kvstore snapshot restore FILE --name NAME --data-dir DIR --initial-cluster ... --initial-cluster-token ... --initial-advertise-peer-urls ...");
         return ExitCode::from(2);

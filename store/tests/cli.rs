@@ -140,3 +140,40 @@ fn port_in_use_is_reported() {
         "data dir created although the port was taken"
     );
 }
+
+#[test]
+fn json_logs_have_one_object_per_line_with_structured_fields() {
+    let mut server = common::Server::start_with(common::Kind::Kvstore, &["--log-format=json"]);
+    assert!(server.etcdctl(&["put", "k", "v"]).status.success());
+    assert!(server.etcdctl(&["compact", "2"]).status.success());
+    server.kill();
+    let log = server.log_text();
+    let mut messages = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let json: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            json["level"].is_string() && json["timestamp"].is_string(),
+            "{line}"
+        );
+        messages.push(json["message"].as_str().unwrap_or_default().to_string());
+        if json["message"] == "compacted history" {
+            assert_eq!(json["revision"], 2, "{line}");
+        }
+    }
+    for expected in [
+        "kvstore member started",
+        "leader changed",
+        "compacted history",
+    ] {
+        assert!(
+            messages.iter().any(|m| m == expected),
+            "no {expected:?} in {messages:?}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let output = kvstore(&["--log-format=yaml"], dir.path());
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--log-format"));
+}

@@ -200,9 +200,13 @@ fn writer_loop(shared: std::sync::Weak<Shared>, receiver: mpsc::Receiver<WriterC
                 .storage
                 .write(batch, true)
                 .map_err(std::io::Error::other);
+            let took = started.elapsed();
             crate::metrics::METRICS
                 .wal_fsync
-                .observe(started.elapsed().as_secs_f64());
+                .observe(took.as_secs_f64());
+            if took > std::time::Duration::from_secs(1) {
+                tracing::warn!(took = ?took, "slow fdatasync");
+            }
             written
         };
         if let (Ok(()), Some(last_index)) = (&result, last_index) {

@@ -421,6 +421,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mvcc = &self.shared.mvcc;
+        let apply_started = std::time::Instant::now();
         let mut writer = mvcc.write();
         let (mut last_applied, mut membership) = self.shared.applied.lock().clone();
         let mut responses = Vec::new();
@@ -451,6 +452,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         crate::metrics::METRICS
             .backend_commit
             .observe(started.elapsed().as_secs_f64());
+        let took = apply_started.elapsed();
+        if took > std::time::Duration::from_millis(100) {
+            tracing::warn!(took = ?took, requests, "apply request took too long");
+        }
         *self.shared.applied.lock() = (last_applied, membership);
         self.shared
             .requests_since_snapshot
