@@ -75,6 +75,18 @@ etcd_errors! {
     BadLeaderTransferee = 34, FailedPrecondition, "etcdserver: bad leader transferee";
 }
 
+impl EtcdError {
+    /// The etcd error a peer answered with, by its message; a peer that cannot be
+    /// reached counts as no leader.
+    pub fn from_peer_status(status: &tonic::Status) -> Option<EtcdError> {
+        EtcdError::ALL
+            .iter()
+            .copied()
+            .find(|error| error.to_string() == status.message())
+            .or((status.code() == Code::Unavailable).then_some(EtcdError::NoLeader))
+    }
+}
+
 impl From<EtcdError> for tonic::Status {
     fn from(error: EtcdError) -> Self {
         tonic::Status::new(error.code(), error.to_string())

@@ -58,6 +58,25 @@ fn added_member_id(peer_urls: &[String]) -> u64 {
 }
 
 impl EtcdServer {
+    /// Commits a membership change, waiting out one still in progress (openraft
+    /// allows one at a time; etcd's callers never see that).
+    async fn change(
+        &self,
+        changes: ChangeMembers<u64, BasicNode>,
+        retain: bool,
+    ) -> Result<(), Error> {
+        for _ in 0..50 {
+            match self.raft().change_membership(changes.clone(), retain).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    openraft::error::ChangeMembershipError::InProgress(_),
+                ))) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(error) => return Err(change_error(error)),
+            }
+        }
+        Err(EtcdError::Timeout.into())
+    }
+
     /// Whether this member leads.
     pub fn is_leader(&self) -> bool {
         self.raft().metrics().borrow().state == ServerState::Leader
@@ -119,10 +138,8 @@ impl EtcdServer {
             .await
             .map_err(change_error)?;
         if !is_learner {
-            self.raft()
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-                .map_err(change_error)?;
+            self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await?;
         }
         tracing::info!(member = %format!("{id:x}"), peer_urls = ?urls, is_learner, "added member");
         Ok(Member {
@@ -151,10 +168,7 @@ impl EtcdServer {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
-        self.raft()
-            .change_membership(change, false)
-            .await
-            .map_err(change_error)?;
+        self.change(change, false).await?;
         tracing::info!(member = %format!("{id:x}"), "removed member");
         Ok(())
     }
@@ -172,13 +186,11 @@ impl EtcdServer {
         {
             return Err(EtcdError::PeerUrlExist.into());
         }
-        self.raft()
-            .change_membership(
-                ChangeMembers::SetNodes(BTreeMap::from([(id, BasicNode::new(urls[0].clone()))])),
-                true,
-            )
-            .await
-            .map_err(change_error)?;
+        self.change(
+            ChangeMembers::SetNodes(BTreeMap::from([(id, BasicNode::new(urls[0].clone()))])),
+            true,
+        )
+        .await?;
         tracing::info!(member = %format!("{id:x}"), peer_urls = ?urls, "updated member");
         Ok(())
     }
@@ -202,10 +214,8 @@ impl EtcdServer {
         if matched * 100 < last * LEARNER_READY_PERCENT || !self.active(id) {
             return Err(EtcdError::LearnerNotReady.into());
         }
-        self.raft()
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
-            .map_err(change_error)?;
+        self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await?;
         tracing::info!(member = %format!("{id:x}"), "promoted learner");
         Ok(())
     }

@@ -145,17 +145,10 @@ async fn forward(
         .await
     {
         Ok(response) => Ok(response.into_inner()),
-        Err(status) => Err(EtcdError::ALL
-            .iter()
-            .find(|error| error.to_string() == status.message())
-            .map(|error| ProposeError::Etcd(*error))
-            .unwrap_or_else(|| {
-                if status.code() == tonic::Code::Unavailable {
-                    ProposeError::Etcd(EtcdError::NoLeader)
-                } else {
-                    ProposeError::Raft(status.message().to_string())
-                }
-            })),
+        Err(status) => Err(match EtcdError::from_peer_status(&status) {
+            Some(error) => ProposeError::Etcd(error),
+            None => ProposeError::Raft(status.message().to_string()),
+        }),
     }
 }
 

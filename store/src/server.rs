@@ -137,20 +137,11 @@ pub struct EtcdServer {
 /// The identity of a founding member: IDs derived from the peer URLs of
 /// `--initial-cluster` and the token, as etcd derives them.
 pub fn new_member_identity(config: &Config) -> Result<Identity, Error> {
-    let members = config.initial_cluster_members().map_err(Error::Raft)?;
+    let ids: Vec<u64> = initial_members(config)?.into_keys().collect();
     let peer_urls = config.initial_advertise_peer_urls.strings();
-    let token = &config.initial_cluster_token;
-    let mut urls_by_name: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, url) in members {
-        urls_by_name.entry(name).or_default().push(url.to_string());
-    }
-    let ids: Vec<u64> = urls_by_name
-        .values()
-        .map(|urls| crate::ids::member_id(urls, token))
-        .collect();
     Ok(Identity {
         name: config.name.clone(),
-        member_id: crate::ids::member_id(&peer_urls, token),
+        member_id: crate::ids::member_id(&peer_urls, &config.initial_cluster_token),
         cluster_id: crate::ids::cluster_id(&ids),
         peer_urls,
     })
@@ -284,17 +275,10 @@ fn raft_runtime() -> Result<tokio::runtime::Handle, Error> {
 
 /// An error a peer returned, back as an etcd error when it is one.
 fn status_error(status: tonic::Status) -> Error {
-    EtcdError::ALL
-        .iter()
-        .find(|error| error.to_string() == status.message())
-        .map(|error| Error::Etcd(*error))
-        .unwrap_or_else(|| {
-            if status.code() == tonic::Code::Unavailable {
-                Error::Etcd(EtcdError::NoLeader)
-            } else {
-                Error::Raft(status.message().to_string())
-            }
-        })
+    match EtcdError::from_peer_status(&status) {
+        Some(error) => Error::Etcd(error),
+        None => Error::Raft(status.message().to_string()),
+    }
 }
 
 fn is_serializable(request: &TxnRequest) -> bool {

@@ -2,6 +2,10 @@
 //! rolling restarts under load, and clusters with different tokens kept apart. After
 //! each, every acknowledged write is on every member and HashKV agrees.
 
+// Each test holds the file's one-at-a-time lock for its whole run, awaits included:
+// every tokio test has a runtime of its own, so nothing waits on the lock's holder.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -14,6 +18,16 @@ use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvstore::pb::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest};
 use tonic::transport::Channel;
+
+/// The tests of this file run one at a time: each runs several members on two
+/// cores, and leader-loss timings must not depend on what runs beside them.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// key -> value of every acknowledged put.
 type Acknowledged = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
@@ -197,16 +211,19 @@ async fn leader_loss(size: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_lose_their_leader_and_nothing_else() {
+    let _serial = one_at_a_time();
     leader_loss(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_lose_their_leader_and_nothing_else() {
+    let _serial = one_at_a_time();
     leader_loss(5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_down_during_many_writes_catches_up_by_snapshot() {
+    let _serial = one_at_a_time();
     const WRITES: usize = 20_000;
     let mut cluster = Cluster::start(Kind::Kvstore, 3, "snapshot", &["--snapshot-count=1000"]);
     let leader = cluster.wait_leader(Duration::from_secs(10));
@@ -279,6 +296,7 @@ async fn a_member_down_during_many_writes_catches_up_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_loses_nothing() {
+    let _serial = one_at_a_time();
     let mut cluster = Cluster::start(Kind::Kvstore, 3, "rolling", &[]);
     let writers = start_writers(&cluster, 6);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -299,6 +317,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
 
 #[test]
 fn clusters_with_different_tokens_never_merge() {
+    let _serial = one_at_a_time();
     let first = Cluster::start(Kind::Kvstore, 3, "token-a", &[]);
     // A second cluster whose --initial-cluster names one of the first cluster's
     // peer URLs as its own third member.
@@ -346,6 +365,7 @@ fn clusters_with_different_tokens_never_merge() {
 /// the same commands give the same output once IDs, ports and timings are removed.
 #[test]
 fn cluster_commands_match_an_etcd_cluster() {
+    let _serial = one_at_a_time();
     let etcd = Cluster::start(Kind::Etcd, 3, "shape", &[]);
     let kvstore = Cluster::start(Kind::Kvstore, 3, "shape", &[]);
     let dir = tempfile::tempdir().unwrap();

@@ -121,7 +121,12 @@ fn add_a_learner_promote_it_and_remove_it() {
         .success());
 
     let removed = cluster.etcdctl(0, &["member", "remove", &id]);
-    assert!(stdout(&removed).contains(&format!("Member {id} removed from cluster")));
+    assert!(
+        // etcdctl prints IDs with %16x: padded with spaces.
+        stdout(&removed).contains(&format!("Member {id:>16} removed from cluster")),
+        "{}",
+        text(&removed)
+    );
     cluster.kill(new);
     let list = stdout(&cluster.etcdctl(0, &["member", "list"]));
     assert_eq!(list.lines().count(), 3, "{list}");
