@@ -156,6 +156,10 @@ pub struct Config {
     )]
     pub listen_peer_urls: UrlList,
 
+    /// Additional URLs to serve /metrics and /health on (comma separated).
+    #[arg(long, env = "ETCD_LISTEN_METRICS_URLS")]
+    pub listen_metrics_urls: Option<UrlList>,
+
     /// List of this member's peer URLs to advertise to the rest of the cluster.
     #[arg(
         long,

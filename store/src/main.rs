@@ -69,6 +69,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for url in &config.listen_peer_urls.0 {
         peer_listeners.push((url.clone(), bind(url).await?));
     }
+    let mut metrics_listeners = Vec::new();
+    for url in config.listen_metrics_urls.iter().flat_map(|list| &list.0) {
+        metrics_listeners.push((url.clone(), bind(url).await?));
+    }
     let server = EtcdServer::start(&config).await?;
     let identity = server.identity();
     tracing::info!(
@@ -105,6 +109,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             listener,
             kvstore::api::peer::peer_routes(server.clone()),
         );
+    }
+    for (url, listener) in metrics_listeners {
+        tracing::info!(%url, "serving metrics");
+        let router = kvstore::api::http::metrics_router(server.clone());
+        serve(&mut serving, listener, tonic::service::Routes::from(router));
     }
 
     // As etcd: clients are served once this member has published its name and

@@ -314,3 +314,21 @@ fn health_reports_the_nospace_alarm_unless_excluded() {
         (200, r#"{"health":"true"}"#.to_string())
     );
 }
+
+#[test]
+fn metrics_urls_serve_metrics_and_health_only() {
+    let port = free_port();
+    let server = Server::start_with(
+        Kind::Kvstore,
+        &[&format!("--listen-metrics-urls=http://127.0.0.1:{port}")],
+    );
+    assert!(server.etcdctl(&["put", "k", "v"]).status.success());
+    let (status, metrics) = http_get(port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("etcd_server_has_leader 1"), "{metrics}");
+    assert_eq!(
+        http_get(port, "/health").unwrap(),
+        (200, r#"{"health":"true"}"#.to_string())
+    );
+    assert_eq!(http_get(port, "/version").unwrap().0, 404);
+}

@@ -33,6 +33,14 @@ pub fn router(server: Arc<EtcdServer>) -> Router {
         .with_state(server)
 }
 
+/// The routes of a `--listen-metrics-urls` listener: metrics and health only.
+pub fn metrics_router(server: Arc<EtcdServer>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .with_state(server)
+}
+
 /// Refreshes the gauges that mirror state, then renders every metric.
 async fn metrics(State(server): State<Arc<EtcdServer>>) -> Response {
     let (leader, _, _, applied, _) = server.raft_status();
