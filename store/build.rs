@@ -15,6 +15,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={file}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
+    // etcd's JSON gateway: proto field names, 64-bit integers as strings, bytes as
+    // base64, enums by name.
+    let encoded = prost::Message::encode_to_vec(&descriptors);
+    pbjson_build::Builder::new()
+        .register_descriptors(&encoded)?
+        .preserve_proto_field_names()
+        .build(&[
+            ".etcdserverpb",
+            ".mvccpb",
+            ".authpb",
+            ".v3lockpb",
+            ".v3electionpb",
+        ])?;
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)

@@ -43,11 +43,14 @@ impl Maintenance for MaintenanceService {
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
         let request = request.into_inner();
+        // etcd answers Alarm without a response header.
         if request.action != crate::pb::etcdserverpb::alarm_request::AlarmAction::Get as i32 {
-            return Ok(Response::new(self.server.alarm(request).await?));
+            let mut response = self.server.alarm(request).await?;
+            response.header = None;
+            return Ok(Response::new(response));
         }
         Ok(Response::new(AlarmResponse {
-            header: self.server.header(0),
+            header: None,
             alarms: self
                 .server
                 .mvcc()

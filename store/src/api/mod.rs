@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod election;
+pub mod gateway;
 pub mod http;
 pub mod kv;
 pub mod lease;
@@ -31,7 +32,8 @@ pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 pub fn routes(server: Arc<EtcdServer>) -> tonic::service::Routes {
     let router = grpc_routes(server.clone())
         .into_axum_router()
-        .merge(http::router(server))
+        .merge(http::router(server.clone()))
+        .merge(gateway::router(server))
         .layer(axum::middleware::from_fn(http::grpc_metrics));
     tonic::service::Routes::from(router)
 }

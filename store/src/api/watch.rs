@@ -39,15 +39,13 @@ impl WatchService {
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Watch for WatchService {
-    type WatchStream = ResponseStream;
-
-    async fn watch(
+impl WatchService {
+    /// Runs a watch session over any request stream; responses go to the returned
+    /// receiver (the gRPC service and the JSON gateway both use it).
+    pub fn session(
         &self,
-        request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        let inbound = request.into_inner();
+        inbound: impl futures::Stream<Item = Result<WatchRequest, Status>> + Unpin + Send + 'static,
+    ) -> mpsc::Receiver<Result<WatchResponse, Status>> {
         let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
         let session = Session {
             stream: self.server.mvcc().watch_stream(),
@@ -56,6 +54,19 @@ impl Watch for WatchService {
             responses,
         };
         tokio::spawn(session.run(inbound));
+        outbound
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ResponseStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let outbound = self.session(request.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
 }
@@ -84,15 +95,19 @@ enum End {
 }
 
 impl Session {
-    async fn run(mut self, mut inbound: Streaming<WatchRequest>) {
+    async fn run(
+        mut self,
+        mut inbound: impl futures::Stream<Item = Result<WatchRequest, Status>> + Unpin,
+    ) {
+        use futures::StreamExt;
         let interval = self.server.limits().watch_progress_notify_interval;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             let result = tokio::select! {
-                request = inbound.message() => match request {
-                    Ok(Some(request)) => self.handle(request).await,
+                request = inbound.next() => match request {
+                    Some(Ok(request)) => self.handle(request).await,
                     // As etcd: the stream ends when the client closes its side.
-                    Ok(None) | Err(_) => Err(End::Client),
+                    None | Some(Err(_)) => Err(End::Client),
                 },
                 delivery = self.stream.next() => match delivery {
                     Some(delivery) => self.deliver(delivery).await,

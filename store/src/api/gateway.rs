@@ -1,0 +1,257 @@
+//! etcd's JSON gateway: `POST /v3/<service>/<method>` with the request as JSON
+//! (proto field names, 64-bit integers as strings, bytes as base64) answered by the
+//! same service code as gRPC. Watch streams newline-delimited `{"result": ...}`
+//! objects, as etcd's gateway does. Errors are JSON with the gRPC code and message.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Code, Status};
+
+use super::cluster::ClusterService;
+use super::election::ElectionService;
+use super::kv::KvService;
+use super::lease::LeaseService;
+use super::lock::LockService;
+use super::maintenance::MaintenanceService;
+use super::watch::WatchService;
+use crate::pb::etcdserverpb::cluster_server::Cluster;
+use crate::pb::etcdserverpb::kv_server::Kv;
+use crate::pb::etcdserverpb::lease_server::Lease;
+use crate::pb::etcdserverpb::maintenance_server::Maintenance;
+use crate::pb::etcdserverpb::WatchRequest;
+use crate::pb::v3electionpb::election_server::Election;
+use crate::pb::v3lockpb::lock_server::Lock;
+use crate::server::EtcdServer;
+
+/// The HTTP status grpc-gateway gives each gRPC code.
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn error(status: &Status) -> Response {
+    let body = serde_json::json!({
+        "error": status.message(),
+        "code": status.code() as i32,
+        "message": status.message(),
+    });
+    (
+        http_status(status.code()),
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Decodes a request body; an empty body is the default request.
+fn decode<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, Status> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| Status::invalid_argument(format!("invalid JSON request body: {e}")))
+}
+
+async fn unary<Req, Resp, Fut>(
+    body: Bytes,
+    call: impl FnOnce(tonic::Request<Req>) -> Fut,
+) -> Response
+where
+    Req: DeserializeOwned + Default,
+    Resp: Serialize,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    let request = match decode::<Req>(&body) {
+        Ok(request) => request,
+        Err(status) => return error(&status),
+    };
+    match call(tonic::Request::new(request)).await {
+        Ok(response) => match serde_json::to_string(response.get_ref()) {
+            Ok(json) => (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                json,
+            )
+                .into_response(),
+            Err(e) => error(&Status::internal(e.to_string())),
+        },
+        Err(status) => error(&status),
+    }
+}
+
+/// The services behind the gateway.
+struct Services {
+    kv: KvService,
+    lease: LeaseService,
+    cluster: ClusterService,
+    maintenance: MaintenanceService,
+    watch: WatchService,
+    lock: LockService,
+    election: ElectionService,
+}
+
+macro_rules! route {
+    ($router:ident, $services:ident, $path:literal, $service:ident . $method:ident) => {{
+        let services = $services.clone();
+        $router = $router.route(
+            $path,
+            post(move |body: Bytes| async move {
+                unary(body, |request| services.$service.$method(request)).await
+            }),
+        );
+    }};
+}
+
+/// The gateway's routes.
+pub fn router(server: Arc<EtcdServer>) -> Router {
+    let services = Arc::new(Services {
+        kv: KvService::new(server.clone()),
+        lease: LeaseService::new(server.clone()),
+        cluster: ClusterService::new(server.clone()),
+        maintenance: MaintenanceService::new(server.clone()),
+        watch: WatchService::new(server.clone()),
+        lock: LockService::new(server.clone()),
+        election: ElectionService::new(server),
+    });
+    let mut router = Router::new();
+    route!(router, services, "/v3/kv/range", kv.range);
+    route!(router, services, "/v3/kv/put", kv.put);
+    route!(router, services, "/v3/kv/deleterange", kv.delete_range);
+    route!(router, services, "/v3/kv/txn", kv.txn);
+    route!(router, services, "/v3/kv/compaction", kv.compact);
+    route!(router, services, "/v3/lease/grant", lease.lease_grant);
+    route!(router, services, "/v3/lease/revoke", lease.lease_revoke);
+    route!(router, services, "/v3/kv/lease/revoke", lease.lease_revoke);
+    route!(
+        router,
+        services,
+        "/v3/lease/timetolive",
+        lease.lease_time_to_live
+    );
+    route!(
+        router,
+        services,
+        "/v3/kv/lease/timetolive",
+        lease.lease_time_to_live
+    );
+    route!(router, services, "/v3/lease/leases", lease.lease_leases);
+    route!(router, services, "/v3/kv/lease/leases", lease.lease_leases);
+    route!(
+        router,
+        services,
+        "/v3/cluster/member/add",
+        cluster.member_add
+    );
+    route!(
+        router,
+        services,
+        "/v3/cluster/member/remove",
+        cluster.member_remove
+    );
+    route!(
+        router,
+        services,
+        "/v3/cluster/member/update",
+        cluster.member_update
+    );
+    route!(
+        router,
+        services,
+        "/v3/cluster/member/list",
+        cluster.member_list
+    );
+    route!(
+        router,
+        services,
+        "/v3/cluster/member/promote",
+        cluster.member_promote
+    );
+    route!(router, services, "/v3/maintenance/alarm", maintenance.alarm);
+    route!(
+        router,
+        services,
+        "/v3/maintenance/status",
+        maintenance.status
+    );
+    route!(
+        router,
+        services,
+        "/v3/maintenance/defragment",
+        maintenance.defragment
+    );
+    route!(
+        router,
+        services,
+        "/v3/maintenance/hash",
+        maintenance.hash_kv
+    );
+    route!(router, services, "/v3/lock/lock", lock.lock);
+    route!(router, services, "/v3/lock/unlock", lock.unlock);
+    route!(router, services, "/v3/election/campaign", election.campaign);
+    route!(router, services, "/v3/election/proclaim", election.proclaim);
+    route!(router, services, "/v3/election/leader", election.leader);
+    route!(router, services, "/v3/election/resign", election.resign);
+    let watch = services.clone();
+    router.route(
+        "/v3/watch",
+        post(move |body: Bytes| async move { watch_stream(&watch.watch, body) }),
+    )
+}
+
+/// `POST /v3/watch`: the body holds one or more JSON watch requests; the response
+/// streams one `{"result": WatchResponse}` object per line until the client leaves.
+fn watch_stream(watch: &WatchService, body: Bytes) -> Response {
+    let mut requests = Vec::new();
+    let stream = serde_json::Deserializer::from_slice(&body).into_iter::<WatchRequest>();
+    for request in stream {
+        match request {
+            Ok(request) => requests.push(Ok(request)),
+            Err(e) => {
+                return error(&Status::invalid_argument(format!(
+                    "invalid JSON request body: {e}"
+                )))
+            }
+        }
+    }
+    // The requests, then a request side that stays open while the client listens.
+    let inbound = futures::stream::iter(requests).chain(futures::stream::pending());
+    let responses = watch.session(Box::pin(inbound));
+    let lines = tokio_stream::wrappers::ReceiverStream::new(responses).map(|item| {
+        let json = match item {
+            Ok(response) => serde_json::json!({ "result": response }),
+            Err(status) => serde_json::json!({
+                "error": {"grpc_code": status.code() as i32, "message": status.message()}
+            }),
+        };
+        Ok::<_, std::convert::Infallible>(format!("{json}\n"))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
