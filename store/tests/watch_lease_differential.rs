@@ -33,6 +33,9 @@ enum Step {
 
 const TXN: &str = "\nput foo/b y\nput zed z\n\n";
 const QUIET: Duration = Duration::from_millis(800);
+/// How long a quiet watch may take to exit by itself (a canceled one does) before
+/// it is stopped.
+const EXIT_GRACE: Duration = Duration::from_millis(300);
 
 const SESSION: &[Step] = &[
     Step::Run(&["put", "foo", "1"]),
@@ -206,7 +209,7 @@ fn run_step(server: &Server, step: &Step, lease: &mut String) -> String {
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut watch = server.etcdctl_background(&refs, false);
             watch.read_until_quiet(QUIET, Duration::from_secs(10));
-            watch.finish(Duration::ZERO)
+            watch.finish(EXIT_GRACE)
         }
         Step::WatchWhile(args, commands) => {
             let mut watch = server.etcdctl_background(args, false);
@@ -217,7 +220,7 @@ fn run_step(server: &Server, step: &Step, lease: &mut String) -> String {
                 outputs.push('\n');
             }
             watch.read_until_quiet(QUIET, Duration::from_secs(10));
-            format!("{outputs}{}", watch.finish(Duration::ZERO))
+            format!("{outputs}{}", watch.finish(EXIT_GRACE))
         }
         Step::Interactive(input) => {
             let mut watch = server.etcdctl_background(&["watch", "-i"], true);
