@@ -74,27 +74,70 @@ fn session(server: &Server) -> Vec<String> {
             .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {response}"));
         transcript.push(format!("{path} {body} -> {status} {}", normalize(json)));
     }
-    transcript.push(format!("watch -> {:?}", watch(server)));
+    transcript.push(format!(
+        "watch -> {:?}",
+        first_lines(
+            server,
+            "/v3/watch",
+            r#"{"create_request": {"key": "Zm9v", "start_revision": "3"}}"#,
+            2
+        )
+    ));
+    let grant = http_post(server.client_port, "/v3/lease/grant", br#"{"TTL": 30}"#)
+        .unwrap()
+        .1;
+    let lease = serde_json::from_str::<Value>(&grant).unwrap()["ID"].clone();
+    let keepalive = format!(r#"{{"ID": {lease}}}"#);
+    transcript.push(format!(
+        "keepalive -> {:?}",
+        first_lines(server, "/v3/lease/keepalive", &keepalive, 1)
+    ));
+    let campaign = format!(r#"{{"name": "ZQ==", "lease": {lease}, "value": "YQ=="}}"#);
+    let (status, body) = http_post(
+        server.client_port,
+        "/v3/election/campaign",
+        campaign.as_bytes(),
+    )
+    .unwrap();
+    // Election keys name the lease: "e/<lease ID in hex>".
+    let lease_key = |json: Value| {
+        let text = json.to_string();
+        let key = json["leader"]["key"]
+            .as_str()
+            .or(json["result"]["kv"]["key"].as_str())
+            .unwrap_or("none")
+            .to_string();
+        text.replace(&key, "<lease key>")
+    };
+    let campaign: Value = serde_json::from_str(&body).unwrap();
+    transcript.push(format!(
+        "campaign -> {status} {}",
+        lease_key(normalize(campaign))
+    ));
+    let observed = first_lines(server, "/v3/election/observe", r#"{"name": "ZQ=="}"#, 1);
+    transcript.push(format!(
+        "observe -> {:?}",
+        observed.into_iter().map(lease_key).collect::<Vec<_>>()
+    ));
     transcript
 }
 
-/// The first two lines of a watch stream from revision 1 on "foo".
-fn watch(server: &Server) -> Vec<Value> {
+/// The first `count` JSON lines of a streaming gateway call.
+fn first_lines(server: &Server, path: &str, body: &str, count: usize) -> Vec<Value> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.client_port)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let body = r#"{"create_request": {"key": "Zm9v", "start_revision": "3"}}"#;
     write!(
         stream,
-        "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
     let mut reader = BufReader::new(stream);
     let mut results = Vec::new();
     let mut line = String::new();
-    while results.len() < 2 {
+    while results.len() < count {
         line.clear();
         if reader.read_line(&mut line).unwrap() == 0 {
             break;

@@ -27,7 +27,7 @@ use crate::pb::etcdserverpb::cluster_server::Cluster;
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::lease_server::Lease;
 use crate::pb::etcdserverpb::maintenance_server::Maintenance;
-use crate::pb::etcdserverpb::WatchRequest;
+use crate::pb::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest};
 use crate::pb::v3electionpb::election_server::Election;
 use crate::pb::v3lockpb::lock_server::Lock;
 use crate::server::EtcdServer;
@@ -214,32 +214,70 @@ pub fn router(server: Arc<EtcdServer>) -> Router {
     route!(router, services, "/v3/election/proclaim", election.proclaim);
     route!(router, services, "/v3/election/leader", election.leader);
     route!(router, services, "/v3/election/resign", election.resign);
-    let watch = services.clone();
-    router.route(
+    let streams = services.clone();
+    router = router.route(
         "/v3/watch",
-        post(move |body: Bytes| async move { watch_stream(&watch.watch, body) }),
+        post(move |body: Bytes| async move {
+            match requests::<WatchRequest>(&body) {
+                Ok(inbound) => lines(streams.watch.session(inbound)),
+                Err(status) => error(&status),
+            }
+        }),
+    );
+    let streams = services.clone();
+    router = router.route(
+        "/v3/lease/keepalive",
+        post(move |body: Bytes| async move {
+            match requests::<LeaseKeepAliveRequest>(&body) {
+                Ok(inbound) => lines(streams.lease.keep_alive_session(inbound)),
+                Err(status) => error(&status),
+            }
+        }),
+    );
+    let streams = services.clone();
+    router = router.route(
+        "/v3/maintenance/snapshot",
+        post(move |body: Bytes| async move {
+            server_stream(body, |request| streams.maintenance.snapshot(request)).await
+        }),
+    );
+    let streams = services;
+    router.route(
+        "/v3/election/observe",
+        post(move |body: Bytes| async move {
+            server_stream(body, |request| streams.election.observe(request)).await
+        }),
     )
 }
 
-/// `POST /v3/watch`: the body holds one or more JSON watch requests; the response
-/// streams one `{"result": WatchResponse}` object per line until the client leaves.
-fn watch_stream(watch: &WatchService, body: Bytes) -> Response {
+/// The requests of a streaming call's body (one or more JSON objects), followed by a
+/// request side that stays open while the client listens.
+fn requests<T: DeserializeOwned + Send + 'static>(
+    body: &Bytes,
+) -> Result<std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>, Status> {
     let mut requests = Vec::new();
-    let stream = serde_json::Deserializer::from_slice(&body).into_iter::<WatchRequest>();
-    for request in stream {
-        match request {
-            Ok(request) => requests.push(Ok(request)),
-            Err(e) => {
-                return error(&Status::invalid_argument(format!(
-                    "invalid JSON request body: {e}"
-                )))
-            }
-        }
+    for request in serde_json::Deserializer::from_slice(body).into_iter::<T>() {
+        let request = request
+            .map_err(|e| Status::invalid_argument(format!("invalid JSON request body: {e}")))?;
+        requests.push(Ok(request));
     }
-    // The requests, then a request side that stays open while the client listens.
-    let inbound = futures::stream::iter(requests).chain(futures::stream::pending());
-    let responses = watch.session(Box::pin(inbound));
-    let lines = tokio_stream::wrappers::ReceiverStream::new(responses).map(|item| {
+    Ok(Box::pin(
+        futures::stream::iter(requests).chain(futures::stream::pending()),
+    ))
+}
+
+/// A response stream as etcd's gateway sends it: one `{"result": ...}` (or
+/// `{"error": ...}`) object per line.
+fn lines<T: Serialize + Send + 'static>(
+    responses: tokio::sync::mpsc::Receiver<Result<T, Status>>,
+) -> Response {
+    stream_body(tokio_stream::wrappers::ReceiverStream::new(responses))
+}
+
+fn stream_body<T: Serialize + Send + 'static>(
+    responses: impl futures::Stream<Item = Result<T, Status>> + Send + 'static,
+) -> Response {
+    let lines = responses.map(|item| {
         let json = match item {
             Ok(response) => serde_json::json!({ "result": response }),
             Err(status) => serde_json::json!({
@@ -254,4 +292,25 @@ fn watch_stream(watch: &WatchService, body: Bytes) -> Response {
         Body::from_stream(lines),
     )
         .into_response()
+}
+
+/// A call with one request and a stream of responses.
+async fn server_stream<Req, S, T, Fut>(
+    body: Bytes,
+    call: impl FnOnce(tonic::Request<Req>) -> Fut,
+) -> Response
+where
+    Req: DeserializeOwned + Default,
+    S: futures::Stream<Item = Result<T, Status>> + Send + 'static,
+    T: Serialize + Send + 'static,
+    Fut: Future<Output = Result<tonic::Response<S>, Status>>,
+{
+    let request = match decode::<Req>(&body) {
+        Ok(request) => request,
+        Err(status) => return error(&status),
+    };
+    match call(tonic::Request::new(request)).await {
+        Ok(response) => stream_body(response.into_inner()),
+        Err(status) => error(&status),
+    }
 }

@@ -29,6 +29,48 @@ impl LeaseService {
     }
 }
 
+impl LeaseService {
+    /// Renews leases as requests arrive on `inbound`; responses go to the returned
+    /// receiver (the gRPC service and the JSON gateway both use it).
+    pub fn keep_alive_session(
+        &self,
+        mut inbound: impl futures::Stream<Item = Result<LeaseKeepAliveRequest, Status>>
+            + Unpin
+            + Send
+            + 'static,
+    ) -> mpsc::Receiver<Result<LeaseKeepAliveResponse, Status>> {
+        use futures::StreamExt;
+        let (responses, outbound) = mpsc::channel(16);
+        let server = self.server.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(request)) = inbound.next().await {
+                // The header is taken before renewing, as etcd does: a lease revoked
+                // at some revision is never reported alive at a later one.
+                let header = server.header(0);
+                let response = match server.lease_renew(request.id).await {
+                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
+                        header,
+                        id: request.id,
+                        ttl,
+                    }),
+                    // An expired or unknown lease is answered with TTL 0.
+                    Err(Error::Etcd(EtcdError::LeaseNotFound)) => Ok(LeaseKeepAliveResponse {
+                        header,
+                        id: request.id,
+                        ttl: 0,
+                    }),
+                    Err(error) => Err(Status::from(error)),
+                };
+                let failed = response.is_err();
+                if responses.send(response).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        outbound
+    }
+}
+
 type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -58,38 +100,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (responses, outbound) = mpsc::channel(16);
-        let server = self.server.clone();
-        tokio::spawn(async move {
-            loop {
-                let request = match inbound.message().await {
-                    Ok(Some(request)) => request,
-                    Ok(None) | Err(_) => return,
-                };
-                // The header is taken before renewing, as etcd does: a lease revoked
-                // at some revision is never reported alive at a later one.
-                let header = server.header(0);
-                let response = match server.lease_renew(request.id).await {
-                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
-                        header,
-                        id: request.id,
-                        ttl,
-                    }),
-                    // An expired or unknown lease is answered with TTL 0.
-                    Err(Error::Etcd(EtcdError::LeaseNotFound)) => Ok(LeaseKeepAliveResponse {
-                        header,
-                        id: request.id,
-                        ttl: 0,
-                    }),
-                    Err(error) => Err(Status::from(error)),
-                };
-                let failed = response.is_err();
-                if responses.send(response).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
+        let outbound = self.keep_alive_session(request.into_inner());
         Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
 
