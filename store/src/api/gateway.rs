@@ -250,11 +250,12 @@ pub fn router(server: Arc<EtcdServer>) -> Router {
     )
 }
 
+/// The requests of a streaming call, as a stream.
+type Requests<T> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
+
 /// The requests of a streaming call's body (one or more JSON objects), followed by a
 /// request side that stays open while the client listens.
-fn requests<T: DeserializeOwned + Send + 'static>(
-    body: &Bytes,
-) -> Result<std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>, Status> {
+fn requests<T: DeserializeOwned + Send + 'static>(body: &Bytes) -> Result<Requests<T>, Status> {
     let mut requests = Vec::new();
     for request in serde_json::Deserializer::from_slice(body).into_iter::<T>() {
         let request = request
