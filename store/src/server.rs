@@ -82,6 +82,20 @@ impl From<crate::mvcc::Error> for tonic::Status {
     }
 }
 
+/// Proposes `$proposal`, expects the applied response `$variant` and fills its
+/// header with this member's cluster fields.
+macro_rules! proposed {
+    ($server:expr, $proposal:expr, $variant:path) => {
+        match $server.propose_request($proposal).await? {
+            $variant(mut response) => {
+                $server.fill_header(&mut response.header);
+                Ok(response)
+            }
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    };
+}
+
 /// Who this member is, fixed when its data dir is created.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Identity {
@@ -732,26 +746,23 @@ impl EtcdServer {
         &self,
         request: crate::pb::etcdserverpb::AlarmRequest,
     ) -> Result<crate::pb::etcdserverpb::AlarmResponse, Error> {
-        match self.propose_request(Proposal::Alarm(request)).await? {
-            Response::Alarm(mut response) => {
-                self.fill_header(&mut response.header);
-                Ok(response)
-            }
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
+        proposed!(self, Proposal::Alarm(request), Response::Alarm)
     }
 
     /// A Put, through Raft.
     pub async fn put(&self, request: PutRequest) -> Result<PutResponse, Error> {
         self.check_quota(prost::Message::encoded_len(&request))
             .await?;
-        match self.propose_request(Proposal::Put(request)).await? {
-            Response::Put(mut response) => {
-                self.fill_header(&mut response.header);
-                Ok(response)
-            }
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
+        proposed!(self, Proposal::Put(request), Response::Put)
+    }
+
+    /// A Compaction, through Raft (applied synchronously, so `physical` needs no
+    /// extra wait).
+    pub async fn compact(
+        &self,
+        request: crate::pb::etcdserverpb::CompactionRequest,
+    ) -> Result<crate::pb::etcdserverpb::CompactionResponse, Error> {
+        proposed!(self, Proposal::Compaction(request), Response::Compaction)
     }
 
     /// A DeleteRange, through Raft.
@@ -759,13 +770,7 @@ impl EtcdServer {
         &self,
         request: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, Error> {
-        match self.propose_request(Proposal::DeleteRange(request)).await? {
-            Response::DeleteRange(mut response) => {
-                self.fill_header(&mut response.header);
-                Ok(response)
-            }
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
+        proposed!(self, Proposal::DeleteRange(request), Response::DeleteRange)
     }
 
     /// A Txn: through Raft when it writes; as a read when it only reads.
@@ -782,13 +787,7 @@ impl EtcdServer {
         }
         self.check_quota(prost::Message::encoded_len(&request))
             .await?;
-        match self.propose_request(Proposal::Txn(request)).await? {
-            Response::Txn(mut response) => {
-                self.fill_header(&mut response.header);
-                Ok(response)
-            }
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
+        proposed!(self, Proposal::Txn(request), Response::Txn)
     }
 
     /// Grants a lease: `id` 0 lets the server choose; a TTL below the minimum is
@@ -807,27 +806,16 @@ impl EtcdServer {
         };
         self.check_quota(prost::Message::encoded_len(&request))
             .await?;
-        match self.propose_request(Proposal::LeaseGrant(request)).await? {
-            Response::LeaseGrant(mut response) => {
-                self.fill_header(&mut response.header);
-                Ok(response)
-            }
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
+        proposed!(self, Proposal::LeaseGrant(request), Response::LeaseGrant)
     }
 
     /// Revokes a lease and deletes its keys.
     pub async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse, Error> {
-        match self
-            .propose_request(Proposal::LeaseRevoke(LeaseRevokeRequest { id }))
-            .await?
-        {
-            Response::LeaseRevoke(mut response) => {
-                self.fill_header(&mut response.header);
-                Ok(response)
-            }
-            other => Err(Error::Unexpected(format!("{other:?}"))),
-        }
+        proposed!(
+            self,
+            Proposal::LeaseRevoke(LeaseRevokeRequest { id }),
+            Response::LeaseRevoke
+        )
     }
 
     fn expiry_error(error: ExpiryError) -> Error {

@@ -114,19 +114,7 @@ impl Writers {
 async fn verify(cluster: &Cluster, acknowledged: &BTreeMap<Vec<u8>, Vec<u8>>) {
     let mut hashes = Vec::new();
     let leader = cluster.wait_leader(Duration::from_secs(10));
-    let revision = KvClient::new(cluster.members[leader].channel().await)
-        .range(RangeRequest {
-            key: b"w/".to_vec(),
-            range_end: b"w0".to_vec(),
-            count_only: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let (_, revision) = common::prefix_count(cluster.members[leader].channel().await, "w/").await;
     for member in cluster.members.iter().filter(|m| m.is_running()) {
         let channel = member.channel().await;
         // Linearizable: the member has applied everything committed.
@@ -264,18 +252,8 @@ async fn a_member_down_during_many_writes_catches_up_by_snapshot() {
         cluster.restart(down);
         cluster.wait_healthy(Duration::from_secs(30));
     });
-    let count = KvClient::new(cluster.members[down].channel().await)
-        .range(RangeRequest {
-            key: b"w/".to_vec(),
-            range_end: b"w0".to_vec(),
-            count_only: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
-    assert_eq!(count as usize, WRITES);
+    let (count, _) = common::prefix_count(cluster.members[down].channel().await, "w/").await;
+    assert_eq!(count, WRITES);
     assert!(
         cluster.members[down]
             .log_text()

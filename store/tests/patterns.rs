@@ -414,7 +414,7 @@ async fn waiters_acquire_in_create_revision_order() {
         .into_inner();
     let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
-    let mut kv = KvClient::new(channel.clone());
+    let counter = channel.clone();
     for number in 0..WAITERS {
         let channel = channel.clone();
         let order = order.clone();
@@ -434,18 +434,8 @@ async fn waiters_acquire_in_create_revision_order() {
         }));
         // Wait until this waiter's key is in line before the next one starts.
         loop {
-            let count = kv
-                .range(RangeRequest {
-                    key: "queue/".into(),
-                    range_end: "queue0".into(),
-                    count_only: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .count;
-            if count as usize == number + 2 {
+            let (count, _) = common::prefix_count(counter.clone(), "queue/").await;
+            if count == number + 2 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

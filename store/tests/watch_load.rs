@@ -10,9 +10,7 @@ use futures::StreamExt;
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::watch_client::WatchClient;
 use kvstore::pb::etcdserverpb::watch_request::RequestUnion;
-use kvstore::pb::etcdserverpb::{
-    PutRequest, RangeRequest, WatchCreateRequest, WatchRequest, WatchResponse,
-};
+use kvstore::pb::etcdserverpb::{PutRequest, WatchCreateRequest, WatchRequest, WatchResponse};
 use tonic::transport::Channel;
 
 /// Opens a watch stream on `prefix` from `start_revision`; returns it once created.
@@ -46,19 +44,6 @@ async fn watch_prefix(
     let created = stream.message().await.unwrap().unwrap();
     assert!(created.created && !created.canceled);
     (stream, sender)
-}
-
-async fn current_revision(kv: &mut KvClient<Channel>) -> i64 {
-    kv.range(RangeRequest {
-        key: "none".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .header
-    .unwrap()
-    .revision
 }
 
 /// Reads a stream until `last` is seen; fails on any revision out of order, missing
@@ -96,8 +81,11 @@ async fn a_thousand_watchers_each_see_every_event_in_order() {
     for _ in 0..CONNECTIONS {
         channels.push(server.channel().await);
     }
-    let mut kv = KvClient::new(channels[0].clone());
-    let start = current_revision(&mut kv).await + 1;
+    let kv = KvClient::new(channels[0].clone());
+    let start = common::prefix_count(server.channel().await, "none/")
+        .await
+        .1
+        + 1;
     let last = start + WRITES - 1;
     let mut readers = Vec::new();
     let mut senders = Vec::new();
@@ -147,7 +135,10 @@ async fn a_stalled_watcher_keeps_memory_bounded_and_catches_up() {
     const VALUE_BYTES: usize = 1 << 20;
     let server = Server::start(Kind::Kvstore);
     let mut kv = KvClient::new(server.channel().await);
-    let start = current_revision(&mut kv).await + 1;
+    let start = common::prefix_count(server.channel().await, "none/")
+        .await
+        .1
+        + 1;
     // A client that watches and then stops reading, on its own connection.
     let (stalled, _sender) = watch_prefix(server.channel().await, "/big/", start).await;
     let before = server.rss_bytes();

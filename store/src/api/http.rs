@@ -108,14 +108,8 @@ async fn health(
     State(server): State<Arc<EtcdServer>>,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
-    let excluded: Vec<String> = query
-        .iter()
-        .filter(|(key, _)| key == "exclude")
-        .map(|(_, value)| value.clone())
-        .collect();
-    let serializable = query
-        .iter()
-        .any(|(key, value)| key == "serializable" && value == "true");
+    let (query, excluded) = parts(query);
+    let serializable = query.get("serializable").is_some_and(|v| v == "true");
     match unhealthy(&server, &excluded, serializable).await {
         None => json(StatusCode::OK, r#"{"health":"true"}"#.into()),
         Some(reason) => json(

@@ -13,9 +13,6 @@ use crate::pb::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
-use crate::pb::kvstorepb::internal_raft_request::Request as Proposal;
-use crate::pb::kvstorepb::internal_raft_response::Response as Applied;
-use crate::pb::kvstorepb::InternalRaftRequest;
 use crate::server::EtcdServer;
 
 /// The KV service of one member.
@@ -28,19 +25,6 @@ impl KvService {
     pub fn new(server: Arc<EtcdServer>) -> KvService {
         KvService { server }
     }
-
-    async fn propose(&self, request: Proposal) -> Result<Applied, Status> {
-        Ok(self
-            .server
-            .propose(InternalRaftRequest {
-                request: Some(request),
-            })
-            .await?)
-    }
-}
-
-fn unexpected(applied: Applied) -> Status {
-    Status::internal(format!("unexpected apply result {applied:?}"))
 }
 
 fn check_range(request: &RangeRequest) -> Result<(), EtcdError> {
@@ -218,15 +202,9 @@ impl Kv for KvService {
         &self,
         request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        let request = request.into_inner();
-        // Compaction is applied synchronously, so `physical` needs no extra wait.
-        match self.propose(Proposal::Compaction(request)).await? {
-            Applied::Compaction(mut response) => {
-                self.server.fill_header(&mut response.header);
-                Ok(Response::new(response))
-            }
-            other => Err(unexpected(other)),
-        }
+        Ok(Response::new(
+            self.server.compact(request.into_inner()).await?,
+        ))
     }
 }
 

@@ -791,3 +791,22 @@ pub fn http_post(port: u16, path: &str, body: &[u8]) -> Option<(u16, String)> {
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
 }
+
+/// How many keys start with `prefix` (a linearizable count-only range), and the
+/// revision it was read at.
+pub async fn prefix_count(channel: tonic::transport::Channel, prefix: &str) -> (usize, i64) {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("a prefix") += 1;
+    let response = kvstore::pb::etcdserverpb::kv_client::KvClient::new(channel)
+        .range(kvstore::pb::etcdserverpb::RangeRequest {
+            key: prefix.as_bytes().to_vec(),
+            range_end: end,
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("count range")
+        .into_inner();
+    let revision = response.header.map_or(0, |header| header.revision);
+    (response.count as usize, revision)
+}
