@@ -7,6 +7,7 @@ use clap::Parser;
 use kvstore::config::{Config, LogFormat, LogLevel, MemberUrl};
 use kvstore::server::EtcdServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 
 /// mimalloc: less CPU per allocation than glibc's malloc under many threads, and
 /// freed memory goes back to the system sooner.
@@ -91,8 +92,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let mut shutdown = shutdown.clone();
         serving.spawn(async move {
             // Small responses must not wait for Nagle's algorithm.
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|connection| connection.map(kvstore::api::authority::AuthorityFix::new));
             tonic::transport::Server::builder()
                 .accept_http1(true)
                 .add_routes(routes)

@@ -1,6 +1,7 @@
 //! The gRPC services of etcd's v3 API. Handlers validate requests, call the server
 //! and fill response headers; they never change state themselves.
 
+pub mod authority;
 pub mod cluster;
 pub mod election;
 pub mod gateway;
