@@ -73,6 +73,8 @@ etcd_errors! {
     Corrupt = 32, DataLoss, "etcdserver: corrupt cluster";
     NotSupportedForLearner = 33, Unavailable, "etcdserver: rpc not supported for learner";
     BadLeaderTransferee = 34, FailedPrecondition, "etcdserver: bad leader transferee";
+    // etcd returns this one as a plain error, which gRPC reports as Unknown.
+    TimeoutLeaderTransfer = 35, Unknown, "etcdserver: request timed out, leader transfer took too long";
 }
 
 impl EtcdError {

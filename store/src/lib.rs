@@ -19,6 +19,7 @@ pub mod raft;
 pub mod restore;
 pub mod server;
 pub mod storage;
+pub mod transfer;
 
 /// The etcd API version kvstore speaks; reported by Status and `--version`.
 pub const ETCD_API_VERSION: &str = "3.5.0";

@@ -15,6 +15,9 @@ use crate::server::{Error, EtcdServer};
 
 /// A voter counts as connected when it answered the leader this recently.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(5);
+/// etcd's HealthInterval: how long every voter must have been connected before a
+/// member is added, or a connected voter removed.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// A learner is ready for promotion when it has this share of the leader's log.
 const LEARNER_READY_PERCENT: u64 = 90;
 
@@ -97,6 +100,11 @@ impl EtcdServer {
         id == self.identity().member_id || self.peers().answered_within(id, ACTIVE_WINDOW)
     }
 
+    /// Whether voter `id` has been connected for etcd's HealthInterval.
+    fn healthy(&self, id: u64) -> bool {
+        id == self.identity().member_id || self.peers().connected_for(id, HEALTH_INTERVAL)
+    }
+
     fn current_nodes(&self) -> (BTreeMap<u64, BasicNode>, BTreeSet<u64>) {
         let metrics = self.raft().metrics().borrow().clone();
         let membership = metrics.membership_config.membership().clone();
@@ -116,18 +124,22 @@ impl EtcdServer {
     ) -> Result<Member, Error> {
         let urls = parse_peer_urls(peer_urls)?;
         let (nodes, voters) = self.current_nodes();
-        if nodes.values().any(|node| urls.contains(&node.addr)) {
-            return Err(EtcdError::PeerUrlExist.into());
-        }
-        if is_learner {
-            if nodes.len() - voters.len() >= 1 {
-                return Err(EtcdError::TooManyLearners.into());
-            }
-        } else {
+        // etcd's order: the strict reconfiguration checks first, then the checks of
+        // the change itself.
+        if !is_learner {
             let started = voters.iter().filter(|id| self.active(**id)).count();
             if started < quorum(voters.len() + 1) {
                 return Err(EtcdError::MemberNotEnoughStarted.into());
             }
+        }
+        if !voters.iter().all(|id| self.healthy(*id)) {
+            return Err(EtcdError::Unhealthy.into());
+        }
+        if nodes.values().any(|node| urls.contains(&node.addr)) {
+            return Err(EtcdError::PeerUrlExist.into());
+        }
+        if is_learner && nodes.len() - voters.len() >= 1 {
+            return Err(EtcdError::TooManyLearners.into());
         }
         let id = added_member_id(&urls);
         if nodes.contains_key(&id) {
@@ -151,8 +163,9 @@ impl EtcdServer {
         })
     }
 
-    /// MemberRemove, refused when the voters left connected would be fewer than a
-    /// quorum of the new membership.
+    /// MemberRemove, refused as etcd refuses it: when the voters left connected would
+    /// be fewer than a quorum of the new membership, or when removing a connected
+    /// voter leaves too few voters that have been connected for a while.
     pub async fn member_remove(&self, id: u64) -> Result<(), Error> {
         let (nodes, voters) = self.current_nodes();
         if !nodes.contains_key(&id) {
@@ -163,6 +176,12 @@ impl EtcdServer {
             let connected = remaining.iter().filter(|v| self.active(**v)).count();
             if remaining.is_empty() || connected < quorum(remaining.len()) {
                 return Err(EtcdError::MemberNotEnoughStarted.into());
+            }
+            let down =
+                id != self.identity().member_id && !self.peers().connected_for(id, Duration::ZERO);
+            let healthy = voters.iter().filter(|v| self.healthy(**v)).count();
+            if !down && healthy - 1 < quorum(voters.len() - 1) {
+                return Err(EtcdError::Unhealthy.into());
             }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {

@@ -14,6 +14,7 @@ use crate::pb::kvstorepb::internal_raft_response::Response;
 use crate::pb::kvstorepb::{ForwardRequest, InternalRaftRequest, RaftBatch, RaftBatchResponse};
 use crate::raft::network::Peers;
 use crate::raft::{Raft, Request};
+use crate::transfer::TransferGate;
 
 /// Most requests in one entry.
 const MAX_BATCH_REQUESTS: usize = 4096;
@@ -52,9 +53,15 @@ pub struct Proposer {
 impl Proposer {
     /// Starts the batching task for `raft`; requests over `max_request_bytes`
     /// (`--max-request-bytes`) are refused.
-    pub fn start(raft: Raft, peers: Arc<Peers>, max_request_bytes: usize) -> Proposer {
+    /// Batches wait while `gate` holds proposals back (see [`TransferGate`]).
+    pub fn start(
+        raft: Raft,
+        peers: Arc<Peers>,
+        gate: Arc<TransferGate>,
+        max_request_bytes: usize,
+    ) -> Proposer {
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, peers, receiver));
+        tokio::spawn(run(raft, peers, gate, receiver));
         Proposer {
             sender,
             max_request_bytes,
@@ -96,7 +103,12 @@ impl Proposer {
     }
 }
 
-async fn run(raft: Raft, peers: Arc<Peers>, mut receiver: mpsc::UnboundedReceiver<Pending>) {
+async fn run(
+    raft: Raft,
+    peers: Arc<Peers>,
+    gate: Arc<TransferGate>,
+    mut receiver: mpsc::UnboundedReceiver<Pending>,
+) {
     let in_flight = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     loop {
         // Wait for capacity first, so requests keep gathering while batches are in flight.
@@ -121,7 +133,9 @@ async fn run(raft: Raft, peers: Arc<Peers>, mut receiver: mpsc::UnboundedReceive
         }
         let raft = raft.clone();
         let peers = peers.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
+            gate.wait_open().await;
             commit(&raft, &peers, batch).await;
             drop(permit);
         });

@@ -37,6 +37,7 @@ use crate::raft::network::{Caller, Network, Peers};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::Raft;
 use crate::storage::{meta_key, Storage, WriteBatch, CF_META};
+use crate::transfer::TransferGate;
 
 /// Errors of starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +147,7 @@ pub struct EtcdServer {
     limits: Limits,
     ids: IdGenerator,
     peers: Arc<Peers>,
+    transfer: Arc<TransferGate>,
 }
 
 /// The identity of a founding member: IDs derived from the peer URLs of
@@ -571,16 +573,19 @@ impl EtcdServer {
             }
         }
 
+        let transfer = TransferGate::new();
         let server = Arc::new(EtcdServer {
             proposer: {
                 let _inside = raft_runtime.enter();
                 Proposer::start(
                     raft.clone(),
                     peers.clone(),
+                    transfer.clone(),
                     config.max_request_bytes as usize,
                 )
             },
             peers,
+            transfer,
             raft,
             mvcc,
             storage,
@@ -951,6 +956,7 @@ impl EtcdServer {
 
     /// Proposes a batch a follower forwarded; this member must lead.
     pub async fn propose_forwarded(&self, batch: RaftBatch) -> Result<RaftBatchResponse, Error> {
+        self.transfer.wait_open().await;
         match self
             .raft
             .client_write(crate::raft::Request(Arc::new(batch)))
@@ -968,6 +974,7 @@ impl EtcdServer {
     /// The log index a linearizable read must wait for, confirmed by a quorum; this
     /// member must lead.
     pub async fn read_index_local(&self) -> Result<u64, Error> {
+        self.transfer.wait_open().await;
         match self.raft.ensure_linearizable().await {
             Ok(read_log_id) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
             Err(RaftError::APIError(_)) => Err(EtcdError::NoLeader.into()),
@@ -1021,6 +1028,7 @@ impl EtcdServer {
     /// confirmed by the leader (ReadIndex): after it a read sees every acknowledged
     /// write. On a follower the leader is asked for the index.
     pub async fn linearizable_read(&self) -> Result<(), Error> {
+        self.transfer.wait_open().await;
         let index = match self.raft.ensure_linearizable().await {
             Ok(_) => return Ok(()),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
@@ -1093,6 +1101,11 @@ impl EtcdServer {
         &self.raft
     }
 
+    /// Holds proposals and read confirmations back while leadership is handed over.
+    pub fn transfer_gate(&self) -> &TransferGate {
+        &self.transfer
+    }
+
     /// Connections to the other members.
     pub fn peers(&self) -> &Peers {
         &self.peers
@@ -1101,9 +1114,11 @@ impl EtcdServer {
     /// The leader this member knows of now: none while it campaigns or once its vote
     /// is no longer a leader's (openraft keeps the last leader in `current_leader`),
     /// and, as etcd's CheckQuorum, none on a leader that has not heard from a quorum
-    /// of voters within an election timeout.
+    /// of voters within an election timeout (unless it is silent on purpose, handing
+    /// leadership over).
     fn known_leader(&self, metrics: &openraft::RaftMetrics<u64, BasicNode>) -> Option<u64> {
         match metrics.state {
+            ServerState::Leader if self.transfer.in_progress() => Some(metrics.id),
             ServerState::Leader => {
                 let voters: Vec<u64> = metrics.membership_config.membership().voter_ids().collect();
                 let heard = voters

@@ -46,6 +46,20 @@ fn initial_cluster_of(output: &str) -> String {
         .to_string()
 }
 
+/// Runs etcdctl until the cluster stops answering "unhealthy cluster": like etcd, a
+/// member is added (or a connected one removed) only once every voter has been
+/// connected for five seconds.
+fn reconfigure(cluster: &Cluster, via: usize, args: &[&str]) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let output = cluster.etcdctl(via, args);
+        if !text(&output).contains("etcdserver: unhealthy cluster") || Instant::now() > deadline {
+            return output;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
@@ -64,7 +78,8 @@ fn add_a_learner_promote_it_and_remove_it() {
     let peer_url = cluster.members[new].peer_url();
 
     // Asked of a follower, which passes the change to the leader.
-    let added = cluster.etcdctl(
+    let added = reconfigure(
+        &cluster,
         follower,
         &[
             "member",
@@ -146,9 +161,10 @@ fn replace_a_member_whose_data_dir_was_wiped() {
     cluster.kill(lost);
     std::fs::remove_dir_all(&cluster.members[lost].data_dir).unwrap();
 
-    let removed = cluster.etcdctl(via, &["member", "remove", &old_id]);
+    let removed = reconfigure(&cluster, via, &["member", "remove", &old_id]);
     assert!(removed.status.success(), "{}", text(&removed));
-    let added = cluster.etcdctl(
+    let added = reconfigure(
+        &cluster,
         via,
         &["member", "add", &name, &format!("--peer-urls={peer_url}")],
     );

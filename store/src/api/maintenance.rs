@@ -191,9 +191,13 @@ impl Maintenance for MaintenanceService {
 
     async fn move_leader(
         &self,
-        _request: Request<MoveLeaderRequest>,
+        request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(not_yet("MoveLeader"))
+        self.server
+            .move_leader(request.into_inner().target_id)
+            .await?;
+        // etcd answers with an empty response, without a header.
+        Ok(Response::new(MoveLeaderResponse::default()))
     }
 
     async fn downgrade(

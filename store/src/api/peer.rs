@@ -10,7 +10,7 @@ use crate::pb::etcdserverpb::LeaseTimeToLiveResponse;
 use crate::pb::kvstorepb::peer_server::Peer;
 use crate::pb::kvstorepb::{
     ForwardRequest, LeaseRenewRequest, LeaseRenewResponse, LeaseTimeToLiveForward, MembersResponse,
-    PeerHeader, RaftBatchResponse, RaftMessage, ReadIndexResponse,
+    PeerHeader, RaftBatchResponse, RaftMessage, ReadIndexResponse, TimeoutNowResponse,
 };
 use crate::raft::network::{check_cluster, raft_reply, raft_request};
 use crate::server::{Error, EtcdServer};
@@ -26,8 +26,11 @@ impl PeerService {
         PeerService { server }
     }
 
+    /// Checks the caller's cluster; a caller of this cluster counts as connected.
     fn check(&self, header: &Option<PeerHeader>, what: &str) -> Result<u64, Status> {
-        check_cluster(self.server.cluster_id(), header, what)
+        let from = check_cluster(self.server.cluster_id(), header, what)?;
+        self.server.peers().answered(from);
+        Ok(from)
     }
 }
 
@@ -125,6 +128,21 @@ impl Peer for PeerService {
             cluster_id: self.server.cluster_id(),
             members: self.server.members(),
         }))
+    }
+
+    async fn timeout_now(
+        &self,
+        request: Request<PeerHeader>,
+    ) -> Result<Response<TimeoutNowResponse>, Status> {
+        let from = self.check(&Some(request.into_inner()), "timeout_now")?;
+        tracing::info!(from = %format!("{from:x}"), "campaigning at the leader's request");
+        self.server
+            .raft()
+            .trigger()
+            .elect()
+            .await
+            .map_err(|_| Status::from(EtcdError::Stopped))?;
+        Ok(Response::new(TimeoutNowResponse {}))
     }
 }
 

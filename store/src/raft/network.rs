@@ -48,12 +48,23 @@ impl Caller {
     }
 }
 
+/// A peer silent this long counts as disconnected: it answers heartbeats several
+/// times a second while it is there.
+const LINK_BROKEN: Duration = Duration::from_secs(2);
+
+/// How a peer has been answering: since when without a break, and last when.
+#[derive(Clone, Copy)]
+struct Link {
+    since: Instant,
+    last: Instant,
+}
+
 /// Connections to peers by URL, shared by openraft's network and the forwarding
-/// calls; each remembers when its peer last answered.
+/// calls; each remembers how its peer has been answering (etcd's "active since").
 pub struct Peers {
     caller: Caller,
     connections: Mutex<HashMap<String, PeerClient<Channel>>>,
-    last_answer: Mutex<HashMap<u64, Instant>>,
+    links: Mutex<HashMap<u64, Link>>,
 }
 
 impl Peers {
@@ -62,7 +73,7 @@ impl Peers {
         Arc::new(Peers {
             caller,
             connections: Mutex::default(),
-            last_answer: Mutex::default(),
+            links: Mutex::default(),
         })
     }
 
@@ -93,15 +104,32 @@ impl Peers {
 
     /// Records that `member` answered just now.
     pub fn answered(&self, member: u64) {
-        self.last_answer.lock().insert(member, Instant::now());
+        let now = Instant::now();
+        let mut links = self.links.lock();
+        let link = links.entry(member).or_insert(Link {
+            since: now,
+            last: now,
+        });
+        if now.duration_since(link.last) > LINK_BROKEN {
+            link.since = now;
+        }
+        link.last = now;
     }
 
     /// Whether `member` answered within `window`.
     pub fn answered_within(&self, member: u64, window: Duration) -> bool {
-        self.last_answer
+        self.links
             .lock()
             .get(&member)
-            .is_some_and(|at| at.elapsed() <= window)
+            .is_some_and(|link| link.last.elapsed() <= window)
+    }
+
+    /// Whether `member` is connected now and has been, without a break, for at least
+    /// `duration` (etcd's isConnectedSince).
+    pub fn connected_for(&self, member: u64, duration: Duration) -> bool {
+        self.links.lock().get(&member).is_some_and(|link| {
+            link.last.elapsed() <= LINK_BROKEN && link.since.elapsed() >= duration
+        })
     }
 }
 
