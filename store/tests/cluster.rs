@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{text, Cluster, Kind};
+use common::{Cluster, Kind};
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvstore::pb::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest};
@@ -337,83 +337,4 @@ fn clusters_with_different_tokens_never_merge() {
         "the first cluster's member did not log the refusal:\n{}",
         first.members[0].log_text()
     );
-}
-
-/// etcdctl against all three members of an etcd cluster and of a kvstore cluster:
-/// the same commands give the same output once IDs, ports and timings are removed.
-#[test]
-fn cluster_commands_match_an_etcd_cluster() {
-    let _serial = one_at_a_time();
-    let etcd = Cluster::start(Kind::Etcd, 3, "shape", &[]);
-    let kvstore = Cluster::start(Kind::Kvstore, 3, "shape", &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let snapshot = dir.path().join("snap.db");
-    let snapshot_arg = snapshot.to_str().unwrap().to_string();
-    let steps: Vec<Vec<&str>> = vec![
-        vec!["put", "k", "v"],
-        vec!["get", "k", "-w", "json"],
-        vec!["member", "list"],
-        vec!["member", "list", "-w", "json"],
-        vec!["endpoint", "health"],
-        vec!["endpoint", "status", "-w", "json"],
-        vec!["alarm", "list"],
-        vec!["defrag"],
-    ];
-    let run = |cluster: &Cluster, args: &[&str]| -> String {
-        let output = std::process::Command::new(common::ETCDCTL)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", cluster.endpoints()))
-            .args(args)
-            .output()
-            .unwrap();
-        let mut out = text(&output);
-        for member in &cluster.members {
-            out = out.replace(&member.endpoint(), "<endpoint>");
-        }
-        // Member IDs differ between the clusters, and so does the order they sort in.
-        let out: String = out
-            .lines()
-            .map(
-                |line| match serde_json::from_str::<serde_json::Value>(line) {
-                    Ok(mut json) if json.get("members").is_some() => {
-                        if let Some(members) = json["members"].as_array_mut() {
-                            members.sort_by_key(|m| m["name"].to_string());
-                        }
-                        json.to_string() + "\n"
-                    }
-                    _ => format!("{line}\n"),
-                },
-            )
-            .collect();
-        let mut lines: Vec<String> = common::normalize(&out, &[])
-            .lines()
-            .map(String::from)
-            .collect();
-        // Health and defragmentation answer per endpoint, in any order.
-        lines.sort();
-        lines.join("\n")
-    };
-    let mut mismatches = Vec::new();
-    for step in &steps {
-        let expected = run(&etcd, step);
-        let actual = run(&kvstore, step);
-        if expected != actual {
-            mismatches.push(format!(
-                "`etcdctl {}`\n--- etcd\n{expected}\n--- kvstore\n{actual}",
-                step.join(" ")
-            ));
-        }
-    }
-    let save = |cluster: &Cluster| {
-        let output = cluster.etcdctl(0, &["snapshot", "save", &snapshot_arg]);
-        let _ = std::fs::remove_file(&snapshot);
-        String::from_utf8_lossy(&output.stdout).to_string()
-    };
-    let (expected, actual) = (save(&etcd), save(&kvstore));
-    if expected != actual {
-        mismatches.push(format!(
-            "snapshot save\n--- etcd\n{expected}\n--- kvstore\n{actual}"
-        ));
-    }
-    assert!(mismatches.is_empty(), "{}", mismatches.join("\n\n"));
 }

@@ -5,6 +5,10 @@
 //! `http://` URLs, as etcd's documentation writes them. Also: leadership moves
 //! under write load without losing an acknowledged write.
 
+// The one-at-a-time lock is held across awaits: every tokio test has a runtime of
+// its own, so nothing waits on the lock's holder.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -17,6 +21,16 @@ use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::{PutRequest, RangeRequest};
 use serde_json::Value;
 use tonic::transport::Channel;
+
+/// The tests of this file run one at a time: each runs three members or more on two
+/// cores, and the transfer timings must not depend on what runs beside them.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Runs etcdctl with the given endpoints.
 fn etcdctl(endpoints: &str, args: &[&str]) -> String {
@@ -120,6 +134,40 @@ fn hex_id(cluster: &Cluster, names: &Names, member: usize) -> String {
     format!("{id:x}")
 }
 
+/// `endpoint status -w json` as (endpoint, member, leader, learner, errors) rows.
+fn status_rows(names: &Names, status: &Value) -> String {
+    let mut rows: Vec<String> = status
+        .as_array()
+        .expect("status array")
+        .iter()
+        .map(|entry| {
+            let s = &entry["Status"];
+            names.apply(&format!(
+                "{} member={} leader={} learner={} errors={}",
+                entry["Endpoint"].as_str().unwrap_or_default(),
+                names.name(&s["header"]["member_id"]),
+                names.name(&s["leader"]),
+                s["isLearner"],
+                s["errors"]
+            ))
+        })
+        .collect();
+    rows.sort();
+    rows.join("\n")
+}
+
+/// `endpoint health` output without its timings.
+fn health_lines(output: &str) -> String {
+    output
+        .lines()
+        .map(|line| match line.split_once("took =") {
+            Some((before, _)) => format!("{before}took = <duration>"),
+            None => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The session: each entry is one command's normalized result.
 fn session(cluster: &Cluster, dir: &std::path::Path) -> Vec<(String, String)> {
     let all = urls(cluster);
@@ -193,24 +241,10 @@ fn session(cluster: &Cluster, dir: &std::path::Path) -> Vec<(String, String)> {
         &["endpoint", "status", "--cluster", "-w", "json"],
     )))
     .unwrap();
-    let mut rows: Vec<String> = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|entry| {
-            let s = &entry["Status"];
-            names.apply(&format!(
-                "{} member={} leader={} learner={} errors={}",
-                entry["Endpoint"].as_str().unwrap_or_default(),
-                names.name(&s["header"]["member_id"]),
-                names.name(&s["leader"]),
-                s["isLearner"],
-                s["errors"]
-            ))
-        })
-        .collect();
-    rows.sort();
-    record("endpoint status --cluster -w json", rows.join("\n"));
+    record(
+        "endpoint status --cluster -w json",
+        status_rows(&names, &status),
+    );
     // The simple format: endpoint, ID, version, size, leader, learner, term, index,
     // applied index, errors; version, size and the Raft numbers differ by build.
     let simple = etcdctl(&all, &["endpoint", "status", "--cluster"]);
@@ -234,17 +268,24 @@ fn session(cluster: &Cluster, dir: &std::path::Path) -> Vec<(String, String)> {
     rows.sort();
     record("endpoint status --cluster", rows.join("\n"));
     let health = names.apply(&etcdctl(&all, &["endpoint", "health", "--cluster"]));
-    let health: Vec<String> = health
-        .lines()
-        .map(|line| match line.split_once("took =") {
-            Some((before, _)) => format!("{before}took = <duration>"),
-            None => line.to_string(),
-        })
-        .collect();
     record(
         "endpoint health --cluster",
-        sorted_lines(&health.join("\n")),
+        sorted_lines(&health_lines(&health)),
     );
+
+    // Endpoints as host:port, the other way etcdctl is given them.
+    let bare = cluster.endpoints();
+    let health = names.apply(&etcdctl(&bare, &["endpoint", "health"]));
+    record(
+        "endpoint health (host:port)",
+        sorted_lines(&health_lines(&health)),
+    );
+    let status: Value = serde_json::from_str(&first_json(&etcdctl(
+        &bare,
+        &["endpoint", "status", "-w", "json"],
+    )))
+    .unwrap();
+    record("endpoint status (host:port)", status_rows(&names, &status));
 
     record(
         "alarm list",
@@ -337,6 +378,7 @@ fn session(cluster: &Cluster, dir: &std::path::Path) -> Vec<(String, String)> {
 
 #[test]
 fn cluster_commands_match_etcd() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let etcd_dir = dir.path().join("etcd");
     let ours_dir = dir.path().join("kvstore");
@@ -417,6 +459,7 @@ async fn write_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_moves_under_writes_without_loss() {
+    let _serial = one_at_a_time();
     let cluster = Cluster::start(Kind::Kvstore, 3, "move-under-load", &[]);
     let all = urls(&cluster);
     let names = Names::of(&cluster);
