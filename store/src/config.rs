@@ -176,6 +176,16 @@ pub struct Config {
     #[arg(long, env = "ETCD_DISCOVERY")]
     pub discovery: Option<String>,
 
+    /// DNS domain whose SRV records (_etcd-server-ssl._tcp, _etcd-server._tcp)
+    /// bootstrap the cluster.
+    #[arg(long, env = "ETCD_DISCOVERY_SRV")]
+    pub discovery_srv: Option<String>,
+
+    /// Suffix to the SRV service names queried for --discovery-srv
+    /// (_etcd-server-<name>._tcp).
+    #[arg(long, env = "ETCD_DISCOVERY_SRV_NAME")]
+    pub discovery_srv_name: Option<String>,
+
     /// Initial cluster token, so that clusters with different tokens never merge.
     #[arg(
         long,
@@ -297,11 +307,19 @@ impl Config {
                 self.election_timeout, self.heartbeat_interval
             ));
         }
-        if self.discovery.is_some() && self.initial_cluster.is_some() {
+        let bootstraps = [
+            self.discovery.is_some(),
+            self.initial_cluster.is_some(),
+            self.discovery_srv.is_some(),
+        ];
+        if bootstraps.iter().filter(|set| **set).count() > 1 {
             return Err(
-                "multiple discovery or bootstrap flags are set. Choose one of \"initial-cluster\" or \"discovery\""
+                "multiple discovery or bootstrap flags are set. Choose one of \"initial-cluster\", \"discovery\" or \"discovery-srv\""
                     .into(),
             );
+        }
+        if self.discovery_srv.as_deref() == Some("") {
+            return Err("--discovery-srv must name a DNS domain".into());
         }
         if let Some(url) = &self.discovery {
             if !(url.starts_with("http://") || url.starts_with("https://")) {

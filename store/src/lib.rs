@@ -18,6 +18,7 @@ pub mod proposer;
 pub mod raft;
 pub mod restore;
 pub mod server;
+pub mod srv;
 pub mod storage;
 pub mod transfer;
 

@@ -62,6 +62,9 @@ pub enum Error {
     /// Raft failed.
     #[error("raft: {0}")]
     Raft(String),
+    /// The initial cluster could not be found (discovery, DNS SRV records).
+    #[error("{0}")]
+    Bootstrap(String),
     /// The state machine answered a request with the wrong kind of response.
     #[error("unexpected apply result: {0}")]
     Unexpected(String),
@@ -154,7 +157,18 @@ pub struct EtcdServer {
 /// `--initial-cluster` and the token, as etcd derives them.
 pub fn new_member_identity(config: &Config) -> Result<Identity, Error> {
     let ids: Vec<u64> = initial_members(config)?.into_keys().collect();
-    let peer_urls = config.initial_advertise_peer_urls.strings();
+    // This member's URLs as `--initial-cluster` names them: the advertised ones, or
+    // for --discovery-srv the SRV targets, which every member derives IDs from.
+    let mut peer_urls: Vec<String> = config
+        .initial_cluster_members()
+        .map_err(Error::Raft)?
+        .into_iter()
+        .filter(|(name, _)| *name == config.name)
+        .map(|(_, url)| url.to_string())
+        .collect();
+    if peer_urls.is_empty() {
+        peer_urls = config.initial_advertise_peer_urls.strings();
+    }
     Ok(Identity {
         name: config.name.clone(),
         member_id: crate::ids::member_id(&peer_urls, &config.initial_cluster_token),
@@ -463,6 +477,21 @@ impl EtcdServer {
             tracing::info!(initial_cluster = %cluster, "discovered the initial cluster");
             discovered = config.clone();
             discovered.discovery = None;
+            discovered.initial_cluster = Some(cluster);
+            config = &discovered;
+        } else if let (true, Some(domain)) = (fresh, &config.discovery_srv) {
+            // The initial cluster comes from DNS SRV records.
+            let cluster = crate::srv::initial_cluster(
+                domain,
+                config.discovery_srv_name.as_deref(),
+                &config.name,
+                &config.initial_advertise_peer_urls.0,
+            )
+            .await
+            .map_err(Error::Bootstrap)?;
+            tracing::info!(initial_cluster = %cluster, "got the initial cluster from DNS SRV records");
+            discovered = config.clone();
+            discovered.discovery_srv = None;
             discovered.initial_cluster = Some(cluster);
             config = &discovered;
         }

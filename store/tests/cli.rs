@@ -100,6 +100,22 @@ fn bad_flags_name_the_flag() {
         dir.path(),
     );
     assert_fails_with(&output, "--initial-cluster");
+    // Two ways to find the initial cluster: etcd's message.
+    let output = kvstore(
+        &[
+            &client,
+            &peer,
+            "--discovery-srv",
+            "example.com",
+            "--discovery",
+            "http://127.0.0.1:1/x",
+        ],
+        dir.path(),
+    );
+    assert_fails_with(
+        &output,
+        "multiple discovery or bootstrap flags are set. Choose one of \"initial-cluster\", \"discovery\" or \"discovery-srv\"",
+    );
 }
 
 #[test]
