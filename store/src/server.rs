@@ -1179,8 +1179,9 @@ impl EtcdServer {
         )
     }
 
-    /// Stops Raft.
+    /// Stops Raft, then RocksDB's background work.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;
+        self.storage.quiesce();
     }
 }

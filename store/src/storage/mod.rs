@@ -115,6 +115,12 @@ pub struct Storage {
 }
 
 impl Storage {
+    /// Stops RocksDB's flushes and compactions, waiting for running ones; for the end
+    /// of the process. Every write was synced, so nothing depends on them.
+    pub fn quiesce(&self) {
+        self.db.cancel_all_background_work(true);
+    }
+
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Storage>, Error> {
         let mut options = Options::default();

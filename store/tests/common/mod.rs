@@ -652,6 +652,22 @@ impl Cluster {
         }
     }
 
+    /// SIGTERMs every running member at once and waits for them: their exit codes.
+    pub fn terminate_all(&mut self) -> Vec<Option<i32>> {
+        for member in &self.members {
+            if let Some(child) = &member.child {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+            }
+        }
+        self.members
+            .iter_mut()
+            .filter_map(|member| member.child.take())
+            .map(|mut child| child.wait().ok().and_then(|status| status.code()))
+            .collect()
+    }
+
     /// Runs etcdctl against member `index`.
     pub fn etcdctl(&self, index: usize, args: &[&str]) -> Output {
         Command::new(ETCDCTL)
