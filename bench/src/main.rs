@@ -1,19 +1,23 @@
 //! kvbench: load for any etcd v3 endpoint (kvstore or etcd), measured the same way.
 //! Each workload prints a table, or one JSON object with `--json`: operations,
-//! throughput and latency percentiles.
+//! errors, throughput and latency percentiles. A progress bar goes to stderr when it
+//! is a terminal.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::lease_client::LeaseClient;
+use kvstore::pb::etcdserverpb::request_op::Request as Op;
 use kvstore::pb::etcdserverpb::watch_client::WatchClient;
 use kvstore::pb::etcdserverpb::watch_request::RequestUnion;
 use kvstore::pb::etcdserverpb::{
-    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, WatchCreateRequest, WatchRequest,
+    LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    WatchCreateRequest, WatchRequest,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -52,41 +56,100 @@ struct Common {
     json: bool,
 }
 
+/// How much load a request workload sends.
+#[derive(Args, Clone, Copy)]
+struct Load {
+    /// Requests in all (unless --duration is given).
+    #[arg(long, default_value_t = 10_000)]
+    total: u64,
+    /// Run for this many seconds instead of --total requests.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Requests per second across all clients (0: as fast as they answer).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
+
+/// Keys written by put and txn-put.
+#[derive(Args, Clone, Copy)]
+struct Keys {
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 8)]
+    val_size: usize,
+    /// Distinct keys written.
+    #[arg(long, default_value_t = 10_000)]
+    key_space: u64,
+    /// Write keys in order instead of at random in the key space.
+    #[arg(long)]
+    sequential_keys: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Consistency {
+    /// Linearizable: confirmed with the leader.
+    L,
+    /// Serializable: served by the member asked.
+    S,
+}
+
 #[derive(Subcommand)]
 enum Workload {
-    /// Puts: `--total` requests from `--clients` clients.
+    /// Puts.
     Put {
-        /// Requests in all.
-        #[arg(long, default_value_t = 10_000)]
-        total: u64,
-        /// Key size in bytes.
-        #[arg(long, default_value_t = 8)]
-        key_size: usize,
-        /// Value size in bytes.
+        #[command(flatten)]
+        load: Load,
+        #[command(flatten)]
+        keys: Keys,
+    },
+    /// Gets of one key (written first with a value of --val-size bytes).
+    Range {
+        #[command(flatten)]
+        load: Load,
+        /// The key read.
+        #[arg(long, default_value = "kvbench/range")]
+        key: String,
+        /// Value size of the key read.
         #[arg(long, default_value_t = 8)]
         val_size: usize,
-        /// Distinct keys written (sequentially numbered).
-        #[arg(long, default_value_t = 10_000)]
-        key_space: u64,
+        /// l (linearizable) or s (serializable).
+        #[arg(long, value_enum, default_value = "l")]
+        consistency: Consistency,
     },
-    /// Watch event latency: `--watchers` streams watch one key; one writer puts the
-    /// send time into it `--puts` times at `--rate` per second; every delivery is timed.
-    WatchLatency {
-        /// Watch streams, spread over the connections.
+    /// Transactions of --txn-ops puts each.
+    TxnPut {
+        #[command(flatten)]
+        load: Load,
+        #[command(flatten)]
+        keys: Keys,
+        /// Puts per transaction.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        txn_ops: u64,
+    },
+    /// Watch event latency: --watchers watchers of one key over --streams streams;
+    /// one writer puts the send time into the key --puts times at --put-rate per
+    /// second, and every delivery is timed.
+    #[command(alias = "watch-latency")]
+    Watch {
+        /// Watchers in all.
         #[arg(long, default_value_t = 1000)]
         watchers: u64,
+        /// Watch streams the watchers share (default: one each).
+        #[arg(long)]
+        streams: Option<u64>,
         /// Puts in all.
         #[arg(long, default_value_t = 200)]
         puts: u64,
         /// Puts per second.
-        #[arg(long, default_value_t = 100)]
-        rate: u64,
+        #[arg(long, alias = "rate", default_value_t = 100)]
+        put_rate: u64,
     },
-    /// Lease keep-alives: `--clients` streams each renew their own lease in a loop.
+    /// Lease keep-alives: --clients streams each renew their own lease in a loop.
     LeaseKeepalive {
-        /// Keep-alives in all.
-        #[arg(long, default_value_t = 100_000)]
-        total: u64,
+        #[command(flatten)]
+        load: Load,
     },
 }
 
@@ -95,6 +158,7 @@ enum Workload {
 struct Report {
     workload: &'static str,
     operations: u64,
+    errors: u64,
     seconds: f64,
     per_second: f64,
     latency_ms: Percentiles,
@@ -153,45 +217,274 @@ fn padded(number: u64, size: usize) -> Vec<u8> {
     text
 }
 
-async fn put(
-    common: &Common,
+/// A small, fast generator for random keys (xorshift64*), seeded per client.
+struct Random(u64);
+
+impl Random {
+    fn new(seed: u64) -> Random {
+        Random(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+impl Keys {
+    fn key(&self, number: u64, random: &mut Random) -> Vec<u8> {
+        let space = self.key_space.max(1);
+        let index = if self.sequential_keys {
+            number % space
+        } else {
+            random.next() % space
+        };
+        padded(index, self.key_size)
+    }
+}
+
+/// Hands out request numbers to clients: up to `total`, or until the duration is
+/// over; with a rate, each number is released at its time.
+struct Pacer {
+    next: AtomicU64,
     total: u64,
-    key_size: usize,
-    val_size: usize,
-    key_space: u64,
-) -> Result<Report> {
-    let channels = connect(common).await?;
-    let next = Arc::new(AtomicU64::new(0));
-    let value = vec![b'v'; val_size];
-    let started = Instant::now();
+    until: Option<Instant>,
+    started: Instant,
+    rate: u64,
+    done: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Pacer {
+    fn new(load: Load) -> Arc<Pacer> {
+        let started = Instant::now();
+        Arc::new(Pacer {
+            next: AtomicU64::new(0),
+            total: if load.duration.is_some() {
+                u64::MAX
+            } else {
+                load.total
+            },
+            until: load
+                .duration
+                .map(|seconds| started + Duration::from_secs_f64(seconds.max(0.0))),
+            started,
+            rate: load.rate,
+            done: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// The next request number, when it is due; None when the run is over.
+    async fn take(&self) -> Option<u64> {
+        if self.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        if number >= self.total {
+            return None;
+        }
+        if self.rate > 0 {
+            let due = self.started + Duration::from_secs_f64(number as f64 / self.rate as f64);
+            if self.until.is_some_and(|until| due >= until) {
+                return None;
+            }
+            tokio::time::sleep_until(due.into()).await;
+        }
+        if self.until.is_some_and(|until| Instant::now() >= until) {
+            return None;
+        }
+        Some(number)
+    }
+
+    fn finished_one(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Progress on stderr, once a second, while the run goes on (a terminal only).
+    fn show_progress(self: &Arc<Pacer>) -> Option<tokio::task::JoinHandle<()>> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let pacer = self.clone();
+        Some(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let done = pacer.done.load(Ordering::Relaxed);
+                let elapsed = pacer.started.elapsed().as_secs_f64();
+                let share = match pacer.until {
+                    Some(until) => {
+                        elapsed / (until - pacer.started).as_secs_f64().max(f64::EPSILON)
+                    }
+                    None => done as f64 / pacer.total.max(1) as f64,
+                }
+                .min(1.0);
+                let filled = (share * 40.0) as usize;
+                eprint!(
+                    "\r[{}{}] {:>3.0}% {done} ops, {:.0} ops/s ",
+                    "=".repeat(filled),
+                    " ".repeat(40 - filled),
+                    share * 100.0,
+                    done as f64 / elapsed.max(f64::EPSILON)
+                );
+            }
+        }))
+    }
+}
+
+/// Runs `clients` request loops: each takes request numbers from the pacer and
+/// times `request(client, number)`. Errors are counted, not timed.
+async fn run_requests<F, Fut>(
+    common: &Common,
+    load: Load,
+    workload: &'static str,
+    request: F,
+) -> Result<Report>
+where
+    F: Fn(usize, u64, &mut Random) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let pacer = Pacer::new(load);
+    let request = Arc::new(request);
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let progress = pacer.show_progress();
     let mut clients = Vec::new();
     for client in 0..common.clients as usize {
-        let mut kv = KvClient::new(channels[client % channels.len()].clone());
-        let next = next.clone();
-        let value = value.clone();
+        let pacer = pacer.clone();
+        let request = request.clone();
+        let errors = errors.clone();
+        let first_error = first_error.clone();
         clients.push(tokio::spawn(async move {
+            let mut random = Random::new(client as u64 + 1);
             let mut samples = Vec::new();
-            loop {
-                let number = next.fetch_add(1, Ordering::Relaxed);
-                if number >= total {
-                    return Ok::<_, tonic::Status>(samples);
-                }
-                let request = PutRequest {
-                    key: padded(number % key_space.max(1), key_size),
-                    value: value.clone(),
-                    ..Default::default()
-                };
+            while let Some(number) = pacer.take().await {
                 let sent = Instant::now();
-                kv.put(request).await?;
-                samples.push(sent.elapsed());
+                match request(client, number, &mut random).await {
+                    Ok(()) => samples.push(sent.elapsed()),
+                    Err(status) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .expect("lock")
+                            .get_or_insert_with(|| status.to_string());
+                    }
+                }
+                pacer.finished_one();
             }
+            samples
         }));
     }
     let mut samples = Vec::new();
     for client in clients {
-        samples.extend(client.await??);
+        samples.extend(client.await?);
     }
-    Ok(report("put", samples, started.elapsed()))
+    let elapsed = pacer.started.elapsed();
+    if let Some(progress) = progress {
+        progress.abort();
+        eprintln!();
+    }
+    let errors = errors.load(Ordering::Relaxed);
+    if samples.is_empty() && errors > 0 {
+        bail!(
+            "every request failed: {}",
+            first_error
+                .lock()
+                .expect("lock")
+                .clone()
+                .unwrap_or_default()
+        );
+    }
+    if let Some(error) = first_error.lock().expect("lock").as_ref() {
+        eprintln!("kvbench: {errors} requests failed; the first: {error}");
+    }
+    let mut report = report(workload, samples, elapsed);
+    report.errors = errors;
+    Ok(report)
+}
+
+async fn put(common: &Common, load: Load, keys: Keys) -> Result<Report> {
+    let channels = connect(common).await?;
+    let kvs: Vec<KvClient<Channel>> = channels.into_iter().map(KvClient::new).collect();
+    let value = vec![b'v'; keys.val_size];
+    run_requests(common, load, "put", move |client, number, random| {
+        let mut kv = kvs[client % kvs.len()].clone();
+        let request = PutRequest {
+            key: keys.key(number, random),
+            value: value.clone(),
+            ..Default::default()
+        };
+        async move { kv.put(request).await.map(drop) }
+    })
+    .await
+}
+
+async fn range(
+    common: &Common,
+    load: Load,
+    key: String,
+    val_size: usize,
+    consistency: Consistency,
+) -> Result<Report> {
+    let channels = connect(common).await?;
+    let mut kvs: Vec<KvClient<Channel>> = channels.into_iter().map(KvClient::new).collect();
+    kvs[0]
+        .put(PutRequest {
+            key: key.clone().into_bytes(),
+            value: vec![b'v'; val_size],
+            ..Default::default()
+        })
+        .await
+        .context("writing the key to read")?;
+    let serializable = matches!(consistency, Consistency::S);
+    let workload = if serializable { "range-s" } else { "range-l" };
+    run_requests(common, load, workload, move |client, _, _| {
+        let mut kv = kvs[client % kvs.len()].clone();
+        let request = RangeRequest {
+            key: key.clone().into_bytes(),
+            serializable,
+            ..Default::default()
+        };
+        async move {
+            let response = kv.range(request).await?.into_inner();
+            if response.kvs.is_empty() {
+                return Err(tonic::Status::not_found("the key read is gone"));
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn txn_put(common: &Common, load: Load, keys: Keys, txn_ops: u64) -> Result<Report> {
+    let channels = connect(common).await?;
+    let kvs: Vec<KvClient<Channel>> = channels.into_iter().map(KvClient::new).collect();
+    let value = vec![b'v'; keys.val_size];
+    run_requests(common, load, "txn-put", move |client, number, random| {
+        let mut kv = kvs[client % kvs.len()].clone();
+        let mut seen = std::collections::HashSet::new();
+        let success = (0..txn_ops)
+            .map(|op| keys.key(number * txn_ops + op, random))
+            // A txn may not put one key twice.
+            .filter(|key| seen.insert(key.clone()))
+            .map(|key| RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key,
+                    value: value.clone(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        let request = TxnRequest {
+            success,
+            ..Default::default()
+        };
+        async move { kv.txn(request).await.map(drop) }
+    })
+    .await
 }
 
 fn report(workload: &'static str, samples: Vec<Duration>, elapsed: Duration) -> Report {
@@ -199,40 +492,57 @@ fn report(workload: &'static str, samples: Vec<Duration>, elapsed: Duration) -> 
     Report {
         workload,
         operations,
+        errors: 0,
         seconds: elapsed.as_secs_f64(),
         per_second: operations as f64 / elapsed.as_secs_f64(),
         latency_ms: percentiles(samples),
     }
 }
 
-async fn watch_latency(common: &Common, watchers: u64, puts: u64, rate: u64) -> Result<Report> {
+async fn watch(
+    common: &Common,
+    watchers: u64,
+    streams: Option<u64>,
+    puts: u64,
+    put_rate: u64,
+) -> Result<Report> {
     let channels = connect(common).await?;
     let key = b"kvbench/watch-latency".to_vec();
     let base = Instant::now();
+    let streams = streams.unwrap_or(watchers).clamp(1, watchers.max(1));
     let mut readers = Vec::new();
     let mut senders = Vec::new();
-    for watcher in 0..watchers as usize {
-        let (sender, receiver) = tokio::sync::mpsc::channel(1);
-        sender
-            .send(WatchRequest {
-                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                    key: key.clone(),
-                    ..Default::default()
-                })),
-            })
-            .await?;
-        let mut stream = WatchClient::new(channels[watcher % channels.len()].clone())
+    for stream_index in 0..streams as usize {
+        // Watchers are spread evenly over the streams.
+        let on_stream = watchers / streams + u64::from((stream_index as u64) < watchers % streams);
+        let (sender, receiver) = tokio::sync::mpsc::channel(on_stream.max(1) as usize);
+        // etcd answers a stream's headers with its first message: the requests go
+        // out before the call is awaited.
+        for _ in 0..on_stream {
+            sender
+                .send(WatchRequest {
+                    request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                        key: key.clone(),
+                        ..Default::default()
+                    })),
+                })
+                .await?;
+        }
+        let mut stream = WatchClient::new(channels[stream_index % channels.len()].clone())
             .watch(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await?
             .into_inner();
-        let created = stream.message().await?.context("watch stream ended")?;
-        if !created.created || created.canceled {
-            bail!("watch not created: {}", created.cancel_reason);
+        for _ in 0..on_stream {
+            let created = stream.message().await?.context("watch stream ended")?;
+            if !created.created || created.canceled {
+                bail!("watch not created: {}", created.cancel_reason);
+            }
         }
         senders.push(sender);
+        let expected = puts * on_stream;
         readers.push(tokio::spawn(async move {
-            let mut samples = Vec::with_capacity(puts as usize);
-            while (samples.len() as u64) < puts {
+            let mut samples = Vec::with_capacity(expected as usize);
+            while (samples.len() as u64) < expected {
                 let Some(response) = stream.message().await? else {
                     break;
                 };
@@ -250,7 +560,7 @@ async fn watch_latency(common: &Common, watchers: u64, puts: u64, rate: u64) -> 
         }));
     }
     let mut kv = KvClient::new(channels[0].clone());
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / put_rate.max(1) as f64));
     let started = Instant::now();
     for _ in 0..puts {
         ticker.tick().await;
@@ -271,15 +581,13 @@ async fn watch_latency(common: &Common, watchers: u64, puts: u64, rate: u64) -> 
         );
     }
     drop(senders);
-    let elapsed = started.elapsed();
-    let mut report = report("watch-latency", samples, elapsed);
-    report.per_second = report.operations as f64 / elapsed.as_secs_f64();
-    Ok(report)
+    Ok(report("watch", samples, started.elapsed()))
 }
 
-async fn lease_keepalive(common: &Common, total: u64) -> Result<Report> {
+async fn lease_keepalive(common: &Common, load: Load) -> Result<Report> {
     let channels = connect(common).await?;
-    let next = Arc::new(AtomicU64::new(0));
+    let pacer = Pacer::new(load);
+    let progress = pacer.show_progress();
     let mut clients = Vec::new();
     let mut streams = Vec::new();
     for client in 0..common.clients as usize {
@@ -290,34 +598,36 @@ async fn lease_keepalive(common: &Common, total: u64) -> Result<Report> {
             .into_inner()
             .id;
         let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        // etcd answers a stream's headers with its first message: one keep-alive
+        // goes out before the call is awaited, and its answer is not timed.
         sender.send(LeaseKeepAliveRequest { id }).await?;
-        let responses = LeaseClient::new(channel)
+        let mut responses = LeaseClient::new(channel)
             .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await?
             .into_inner();
+        responses
+            .message()
+            .await?
+            .context("keep-alive stream ended")?;
         streams.push((id, sender, responses));
     }
-    let started = Instant::now();
     for (id, sender, mut responses) in streams {
-        let next = next.clone();
+        let pacer = pacer.clone();
         clients.push(tokio::spawn(async move {
             let mut samples = Vec::new();
-            // The first request was sent when the stream opened.
-            let mut sent = Instant::now();
-            loop {
-                let response = responses.message().await?;
-                let Some(response) = response else { break };
+            while pacer.take().await.is_some() {
+                let sent = Instant::now();
+                if sender.send(LeaseKeepAliveRequest { id }).await.is_err() {
+                    break;
+                }
+                let Some(response) = responses.message().await? else {
+                    break;
+                };
                 if response.ttl <= 0 {
                     return Err(tonic::Status::not_found(format!("lease {id:x} expired")));
                 }
                 samples.push(sent.elapsed());
-                if next.fetch_add(1, Ordering::Relaxed) >= total {
-                    break;
-                }
-                sent = Instant::now();
-                if sender.send(LeaseKeepAliveRequest { id }).await.is_err() {
-                    break;
-                }
+                pacer.finished_one();
             }
             Ok(samples)
         }));
@@ -326,7 +636,11 @@ async fn lease_keepalive(common: &Common, total: u64) -> Result<Report> {
     for client in clients {
         samples.extend(client.await??);
     }
-    Ok(report("lease-keepalive", samples, started.elapsed()))
+    if let Some(progress) = progress {
+        progress.abort();
+        eprintln!();
+    }
+    Ok(report("lease-keepalive", samples, pacer.started.elapsed()))
 }
 
 fn print(report: &Report, json: bool) -> Result<()> {
@@ -335,11 +649,14 @@ fn print(report: &Report, json: bool) -> Result<()> {
         return Ok(());
     }
     let l = &report.latency_ms;
-    println!("workload     ops      seconds  ops/s      p50 ms  p90 ms  p99 ms  p99.9 ms  max ms");
     println!(
-        "{:<12} {:<8} {:<8.2} {:<10.0} {:<7.3} {:<7.3} {:<7.3} {:<9.3} {:.3}",
+        "workload         ops       errors  seconds  ops/s      p50 ms  p90 ms  p99 ms  p99.9 ms  max ms"
+    );
+    println!(
+        "{:<16} {:<9} {:<7} {:<8.2} {:<10.0} {:<7.3} {:<7.3} {:<7.3} {:<9.3} {:.3}",
         report.workload,
         report.operations,
+        report.errors,
         report.seconds,
         report.per_second,
         l.p50,
@@ -354,21 +671,29 @@ fn print(report: &Report, json: bool) -> Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    let common = &cli.common;
     let result = match cli.workload {
-        Workload::Put {
-            total,
-            key_size,
+        Workload::Put { load, keys } => put(common, load, keys).await,
+        Workload::Range {
+            load,
+            key,
             val_size,
-            key_space,
-        } => put(&cli.common, total, key_size, val_size, key_space).await,
-        Workload::WatchLatency {
+            consistency,
+        } => range(common, load, key, val_size, consistency).await,
+        Workload::TxnPut {
+            load,
+            keys,
+            txn_ops,
+        } => txn_put(common, load, keys, txn_ops).await,
+        Workload::Watch {
             watchers,
+            streams,
             puts,
-            rate,
-        } => watch_latency(&cli.common, watchers, puts, rate).await,
-        Workload::LeaseKeepalive { total } => lease_keepalive(&cli.common, total).await,
+            put_rate,
+        } => watch(common, watchers, streams, puts, put_rate).await,
+        Workload::LeaseKeepalive { load } => lease_keepalive(common, load).await,
     };
-    match result.and_then(|report| print(&report, cli.common.json)) {
+    match result.and_then(|report| print(&report, common.json)) {
         Ok(()) => {}
         Err(error) => {
             eprintln!("kvbench: {error:#}");
@@ -396,5 +721,59 @@ mod tests {
     fn keys_have_the_requested_size() {
         assert_eq!(padded(42, 8), b"00000042".to_vec());
         assert_eq!(padded(123_456, 3), b"123".to_vec());
+    }
+
+    #[test]
+    fn random_keys_stay_in_the_key_space() {
+        let keys = Keys {
+            key_size: 8,
+            val_size: 8,
+            key_space: 100,
+            sequential_keys: false,
+        };
+        let mut random = Random::new(1);
+        let drawn: std::collections::HashSet<Vec<u8>> =
+            (0..2_000).map(|n| keys.key(n, &mut random)).collect();
+        assert!(drawn.len() > 90 && drawn.len() <= 100, "{}", drawn.len());
+        let sequential = Keys {
+            sequential_keys: true,
+            ..keys
+        };
+        assert_eq!(sequential.key(105, &mut random), b"00000005".to_vec());
+    }
+
+    #[tokio::test]
+    async fn the_pacer_stops_at_the_total_and_keeps_the_rate() {
+        let pacer = Pacer::new(Load {
+            total: 5,
+            duration: None,
+            rate: 0,
+        });
+        let mut taken = Vec::new();
+        while let Some(number) = pacer.take().await {
+            taken.push(number);
+        }
+        assert_eq!(taken, [0, 1, 2, 3, 4]);
+
+        let started = Instant::now();
+        let pacer = Pacer::new(Load {
+            total: 21,
+            duration: None,
+            rate: 100,
+        });
+        while pacer.take().await.is_some() {}
+        // The 21st request is due at 200 ms.
+        assert!(started.elapsed() >= Duration::from_millis(195));
+
+        let pacer = Pacer::new(Load {
+            total: 10,
+            duration: Some(0.05),
+            rate: 100,
+        });
+        let mut count = 0;
+        while pacer.take().await.is_some() {
+            count += 1;
+        }
+        assert_eq!(count, 5);
     }
 }

@@ -1,0 +1,214 @@
+//! Every kvbench workload, a few hundred operations each, against kvstore and against
+//! Debian's etcd, so the tool keeps working with both. No timing is asserted: only
+//! that each run completes every operation without errors and reports sane figures.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const KVBENCH: &str = env!("CARGO_BIN_EXE_kvbench");
+const ETCD: &str = "/usr/bin/etcd";
+const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// kvstore is built beside kvbench by `cargo test --workspace`.
+fn kvstore_binary() -> PathBuf {
+    let path = Path::new(KVBENCH).with_file_name("kvstore");
+    assert!(
+        path.exists(),
+        "{} is missing: run the workspace's tests (cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+struct Server {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(binary: &Path) -> Server {
+    assert!(
+        binary.exists(),
+        "{} is missing: run scripts/deps",
+        binary.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let child = Command::new(binary)
+        .arg("--name=bench")
+        .arg(format!("--data-dir={}", dir.path().join("data").display()))
+        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+        .arg(format!(
+            "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+        ))
+        .arg(format!("--initial-cluster=bench=http://127.0.0.1:{peer}"))
+        .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let endpoint = format!("127.0.0.1:{client}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let health = Command::new(ETCDCTL)
+            .env("ETCDCTL_API", "3")
+            .args([&format!("--endpoints={endpoint}"), "endpoint", "health"])
+            .output()
+            .expect("run etcdctl");
+        if health.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not start",
+            binary.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Server {
+        child,
+        endpoint,
+        _dir: dir,
+    }
+}
+
+/// Runs kvbench with `--json`; its report.
+fn kvbench(server: &Server, args: &[&str]) -> Value {
+    let output = Command::new(KVBENCH)
+        .arg(format!("--endpoints={}", server.endpoint))
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run kvbench");
+    assert!(
+        output.status.success(),
+        "kvbench {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON report")
+}
+
+fn check(report: &Value, workload: &str, operations: u64) {
+    assert_eq!(report["workload"], workload, "{report}");
+    assert_eq!(report["operations"], operations, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["per_second"].as_f64().unwrap() > 0.0, "{report}");
+    let latency = &report["latency_ms"];
+    let ordered = ["p50", "p90", "p99", "p999", "max"]
+        .windows(2)
+        .all(|pair| latency[pair[0]].as_f64() <= latency[pair[1]].as_f64());
+    assert!(
+        ordered && latency["p50"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}
+
+fn every_workload(server: &Server) {
+    let clients = ["--clients=8", "--conns=2"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        clients
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .collect()
+    };
+    check(
+        &kvbench(
+            server,
+            &with(&["put", "--total=300", "--key-size=16", "--val-size=64"]),
+        ),
+        "put",
+        300,
+    );
+    check(
+        &kvbench(
+            server,
+            &with(&["put", "--total=200", "--sequential-keys", "--rate=1000"]),
+        ),
+        "put",
+        200,
+    );
+    check(
+        &kvbench(server, &with(&["range", "--total=300", "--consistency=l"])),
+        "range-l",
+        300,
+    );
+    check(
+        &kvbench(server, &with(&["range", "--total=300", "--consistency=s"])),
+        "range-s",
+        300,
+    );
+    check(
+        &kvbench(server, &with(&["txn-put", "--total=200", "--txn-ops=4"])),
+        "txn-put",
+        200,
+    );
+    // 20 watchers on 4 streams, 15 puts: 300 deliveries.
+    check(
+        &kvbench(
+            server,
+            &[
+                "watch",
+                "--watchers=20",
+                "--streams=4",
+                "--puts=15",
+                "--put-rate=200",
+            ],
+        ),
+        "watch",
+        300,
+    );
+    check(
+        &kvbench(server, &with(&["lease-keepalive", "--total=300"])),
+        "lease-keepalive",
+        300,
+    );
+    let timed = kvbench(server, &with(&["put", "--duration=0.5", "--rate=400"]));
+    assert_eq!(timed["errors"], 0, "{timed}");
+    assert!(timed["operations"].as_u64().unwrap() > 0, "{timed}");
+}
+
+#[test]
+fn every_workload_runs_against_kvstore() {
+    every_workload(&start(&kvstore_binary()));
+}
+
+#[test]
+fn every_workload_runs_against_etcd() {
+    every_workload(&start(Path::new(ETCD)));
+}
+
+#[test]
+fn bad_endpoints_are_reported() {
+    let output = Command::new(KVBENCH)
+        .args(["--endpoints=127.0.0.1:1", "put", "--total=1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot connect to http://127.0.0.1:1"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
