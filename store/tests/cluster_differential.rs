@@ -156,6 +156,15 @@ fn status_rows(names: &Names, status: &Value) -> String {
     rows.join("\n")
 }
 
+/// Each line with runs of spaces made one (etcdctl pads IDs to a width).
+fn squeezed(output: &str) -> String {
+    output
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// `endpoint health` output without its timings.
 fn health_lines(output: &str) -> String {
     output
@@ -181,7 +190,10 @@ fn session(cluster: &Cluster, dir: &std::path::Path) -> Vec<(String, String)> {
     );
     record(
         "member list -w table",
-        sorted_lines(&names.apply(&etcdctl(&all, &["member", "list", "-w", "table"]))),
+        // Column widths follow the IDs' lengths, which differ.
+        sorted_lines(&squeezed(
+            &names.apply(&etcdctl(&all, &["member", "list", "-w", "table"])),
+        )),
     );
     let list: Value = serde_json::from_str(&first_json(&etcdctl(
         &all,
@@ -361,14 +373,7 @@ fn session(cluster: &Cluster, dir: &std::path::Path) -> Vec<(String, String)> {
     );
     // etcdctl pads IDs to 16 columns, and IDs differ in length.
     let removed = names.apply(&etcdctl(&all, &["member", "remove", &learner]));
-    record(
-        "member remove learner",
-        removed
-            .lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    );
+    record("member remove learner", squeezed(&removed));
     record(
         "member list via a follower",
         sorted_lines(&names.apply(&etcdctl(&cluster.members[2].url(), &["member", "list"]))),
