@@ -151,6 +151,57 @@ pub struct EtcdServer {
     ids: IdGenerator,
     peers: Arc<Peers>,
     transfer: Arc<TransferGate>,
+    reads: tokio::sync::mpsc::UnboundedSender<ReadWaiter>,
+}
+
+/// A linearizable read waiting for the next confirmation round; `local_only` when
+/// this member must lead (ReadIndex asked by a follower).
+struct ReadWaiter {
+    local_only: bool,
+    reply: tokio::sync::oneshot::Sender<Result<u64, EtcdError>>,
+}
+
+/// etcd's linearizable read loop: every read waiting when a round starts shares
+/// that round's confirmation, one leadership check on the leader, or one ReadIndex
+/// call to the leader on a follower. Reads that arrive during a round wait for the
+/// next, so each confirmation starts after its reads arrived. Ends with the server.
+async fn confirm_reads(
+    server: std::sync::Weak<EtcdServer>,
+    mut waiting: tokio::sync::mpsc::UnboundedReceiver<ReadWaiter>,
+) {
+    while let Some(first) = waiting.recv().await {
+        let mut round = vec![first];
+        while let Ok(next) = waiting.try_recv() {
+            round.push(next);
+        }
+        let Some(server) = server.upgrade() else {
+            return;
+        };
+        server.transfer.wait_open().await;
+        // Err(None): this member does not lead.
+        let local: Result<u64, Option<EtcdError>> = match server.raft.get_read_log_id().await {
+            Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(None)
+            }
+            Err(RaftError::APIError(_)) => Err(Some(EtcdError::NoLeader)),
+            Err(RaftError::Fatal(_)) => Err(Some(EtcdError::Stopped)),
+        };
+        let forwarded = if local == Err(None) && round.iter().any(|waiter| !waiter.local_only) {
+            Some(server.read_index_from_leader().await)
+        } else {
+            None
+        };
+        for waiter in round {
+            let result = match (&local, waiter.local_only) {
+                (Ok(index), _) => Ok(*index),
+                (Err(Some(error)), _) => Err(*error),
+                (Err(None), true) => Err(EtcdError::NoLeader),
+                (Err(None), false) => forwarded.unwrap_or(Err(EtcdError::NoLeader)),
+            };
+            let _ = waiter.reply.send(result);
+        }
+    }
 }
 
 /// The identity of a founding member: IDs derived from the peer URLs of
@@ -603,7 +654,9 @@ impl EtcdServer {
         }
 
         let transfer = TransferGate::new();
+        let (reads, waiting_reads) = tokio::sync::mpsc::unbounded_channel();
         let server = Arc::new(EtcdServer {
+            reads,
             proposer: {
                 let _inside = raft_runtime.enter();
                 Proposer::start(
@@ -632,6 +685,7 @@ impl EtcdServer {
             },
         });
         tokio::spawn(follow_leadership(Arc::downgrade(&server)));
+        tokio::spawn(confirm_reads(Arc::downgrade(&server), waiting_reads));
         tokio::spawn(publish_attributes(Arc::downgrade(&server)));
         tokio::spawn(expire_leases(Arc::downgrade(&server)));
         tokio::spawn(trigger_snapshots(
@@ -1003,11 +1057,28 @@ impl EtcdServer {
     /// The log index a linearizable read must wait for, confirmed by a quorum; this
     /// member must lead.
     pub async fn read_index_local(&self) -> Result<u64, Error> {
-        self.transfer.wait_open().await;
-        match self.raft.ensure_linearizable().await {
-            Ok(read_log_id) => Ok(read_log_id.map_or(0, |log_id| log_id.index)),
-            Err(RaftError::APIError(_)) => Err(EtcdError::NoLeader.into()),
-            Err(RaftError::Fatal(_)) => Err(EtcdError::Stopped.into()),
+        Ok(self.read_index(true).await?)
+    }
+
+    /// The log index a linearizable read must wait for, from the next confirmation
+    /// round (see `confirm_reads`).
+    async fn read_index(&self, local_only: bool) -> Result<u64, EtcdError> {
+        let (reply, index) = tokio::sync::oneshot::channel();
+        self.reads
+            .send(ReadWaiter { local_only, reply })
+            .map_err(|_| EtcdError::Stopped)?;
+        index.await.map_err(|_| EtcdError::Stopped)?
+    }
+
+    /// The leader's read index, asked over the peer service.
+    async fn read_index_from_leader(&self) -> Result<u64, EtcdError> {
+        let (mut leader, header) = self.leader_client().map_err(|_| EtcdError::NoLeader)?;
+        match leader.read_index(header.unwrap_or_default()).await {
+            Ok(response) => Ok(response.into_inner().index),
+            Err(status) => Err(match status_error(status) {
+                Error::Etcd(error) => error,
+                _ => EtcdError::NoLeader,
+            }),
         }
     }
 
@@ -1057,21 +1128,16 @@ impl EtcdServer {
     /// confirmed by the leader (ReadIndex): after it a read sees every acknowledged
     /// write. On a follower the leader is asked for the index.
     pub async fn linearizable_read(&self) -> Result<(), Error> {
-        self.transfer.wait_open().await;
-        let index = match self.raft.ensure_linearizable().await {
-            Ok(_) => return Ok(()),
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
-                let (mut leader, header) = self.leader_client()?;
-                leader
-                    .read_index(header.unwrap_or_default())
-                    .await
-                    .map_err(status_error)?
-                    .into_inner()
-                    .index
-            }
-            Err(RaftError::APIError(_)) => return Err(EtcdError::NoLeader.into()),
-            Err(RaftError::Fatal(_)) => return Err(EtcdError::Stopped.into()),
-        };
+        let index = self.read_index(false).await?;
+        if self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .is_some_and(|applied| applied.index >= index)
+        {
+            return Ok(());
+        }
         self.raft
             .wait(Some(Duration::from_secs(5)))
             .applied_index_at_least(Some(index), "linearizable read")
