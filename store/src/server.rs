@@ -815,7 +815,7 @@ impl EtcdServer {
     /// `--quota-backend-bytes` raises the NOSPACE alarm and is refused.
     async fn check_quota(&self, cost: usize) -> Result<(), Error> {
         let quota = self.limits.quota_backend_bytes;
-        if quota <= 0 || self.storage.size_bytes() as i64 + cost as i64 <= quota {
+        if quota <= 0 || self.storage.recent_size_bytes() as i64 + cost as i64 <= quota {
             return Ok(());
         }
         let alarm = crate::pb::etcdserverpb::AlarmRequest {
