@@ -229,23 +229,34 @@ async fn a_member_down_during_many_writes_catches_up_by_snapshot() {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= WRITES {
-                    return written;
+                    return Ok(written);
                 }
                 let key = format!("w/{n}").into_bytes();
-                kv.put(PutRequest {
-                    key: key.clone(),
-                    value: b"1".to_vec(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                let put = kv
+                    .put(PutRequest {
+                        key: key.clone(),
+                        value: b"1".to_vec(),
+                        ..Default::default()
+                    })
+                    .await;
+                if let Err(status) = put {
+                    return Err(status);
+                }
                 written.push(key);
             }
         }));
     }
     for task in tasks {
-        for key in task.await.unwrap() {
-            acknowledged.insert(key, b"1".to_vec());
+        match task.await.unwrap() {
+            Ok(written) => {
+                for key in written {
+                    acknowledged.insert(key, b"1".to_vec());
+                }
+            }
+            Err(status) => panic!(
+                "a put failed: {status}\nleader's log:\n{}",
+                cluster.members[leader].log_text()
+            ),
         }
     }
     tokio::task::block_in_place(|| {

@@ -14,13 +14,24 @@ pub const ETCD: &str = "/usr/bin/etcd";
 /// The Debian etcdctl the tests drive both servers with.
 pub const ETCDCTL: &str = "/usr/bin/etcdctl";
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and one this process has not handed out
+/// before (the kernel may give a just-released port again).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind an ephemeral port")
+            .local_addr()
+            .expect("local address")
+            .port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Which server a [`Server`] runs.
