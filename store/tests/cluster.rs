@@ -65,7 +65,174 @@ fn start_writers(cluster: &Cluster, count: usize) -> Writers {
                     }
                     let key = format!("w/{writer}/{}", sequence % 300).into_bytes();
                     let value = format!("{sequence}").into_bytes();
-                    kv.put(PutRequest {
+                    let put = kv.put(PutRequest {
+                        key: key.clone(),
+                        value: value.clone(),
+                        ..Default::default()
+                    });
+                    match tokio::time::timeout(Duration::from_secs(3), put).await {
+                        Ok(Ok(_)) => {
+                            acknowledged.lock().unwrap().insert(key, value);
+                            acknowledged_count.fetch_add(1, Ordering::Relaxed);
+                            ok += 1;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    Writers {
+        stop,
+        acknowledged_count,
+        acknowledged,
+        tasks,
+    }
+}
+
+impl Writers {
+    async fn finish(self) -> (usize, BTreeMap<Vec<u8>, Vec<u8>>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for task in self.tasks {
+            total += task.await.unwrap();
+        }
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        (total, acknowledged)
+    }
+
+    /// Writes acknowledged so far.
+    fn count(&self) -> usize {
+        self.acknowledged_count.load(Ordering::Relaxed)
+    }
+}
+
+/// Checks that every running member holds every acknowledged write (a later write
+/// to a key may have been acknowledged or not: the newest acknowledged value or a
+/// newer one) and that HashKV agrees at one revision.
+async fn verify(cluster: &Cluster, acknowledged: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    let mut hashes = Vec::new();
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let (_, revision) = common::prefix_count(cluster.members[leader].channel().await, "w/").await;
+    for member in cluster.members.iter().filter(|m| m.is_running()) {
+        let channel = member.channel().await;
+        // Linearizable: the member has applied everything committed.
+        let stored: BTreeMap<Vec<u8>, Vec<u8>> = KvClient::new(channel.clone())
+            .range(RangeRequest {
+                key: b"w/".to_vec(),
+                range_end: b"w0".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect();
+        for (key, value) in acknowledged {
+            let found = stored.get(key).unwrap_or_else(|| {
+                panic!(
+                    "{}: acknowledged key {} is missing",
+                    member.name,
+                    String::from_utf8_lossy(key)
+                )
+            });
+            let acked: u64 = String::from_utf8_lossy(value).parse().unwrap();
+            let have: u64 = String::from_utf8_lossy(found).parse().unwrap();
+            assert!(
+                have >= acked,
+                "{}: key {} went back from {acked} to {have}",
+                member.name,
+                String::from_utf8_lossy(key)
+            );
+        }
+        let hash = MaintenanceClient::new(channel)
+            .hash_kv(HashKvRequest { revision })
+            .await
+            .unwrap()
+            .into_inner();
+        hashes.push((member.name.clone(), hash.hash));
+    }
+    assert!(
+        hashes.windows(2).all(|pair| pair[0].1 == pair[1].1),
+        "HashKV differs at revision {revision}: {hashes:?}"
+    );
+}
+
+async fn leader_loss(size: usize) {
+    let mut cluster = Cluster::start(Kind::Kvstore, size, &format!("loss-{size}"), &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let writers = start_writers(&cluster, 8);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = writers.count();
+    assert!(before > 0, "writes go through before the kill");
+
+    cluster.kill(leader);
+    let killed = Instant::now();
+    let new_leader = tokio::task::block_in_place(|| cluster.wait_leader(Duration::from_secs(10)));
+    let elapsed = killed.elapsed();
+    assert_ne!(new_leader, leader);
+    eprintln!("{size} members: new leader {elapsed:?} after the leader was killed");
+    // Two election timeouts (1 s each), plus the time to ask every member.
+    assert!(
+        elapsed < Duration::from_millis(2500),
+        "new leader only after {elapsed:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        writers.count() > before,
+        "writes continue under the new leader"
+    );
+
+    // The killed member comes back and catches up.
+    tokio::task::block_in_place(|| {
+        cluster.restart(leader);
+        cluster.wait_healthy(Duration::from_secs(20));
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (total, acknowledged) = writers.finish().await;
+    eprintln!("{total} writes acknowledged");
+    verify(&cluster, &acknowledged).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_lose_their_leader_and_nothing_else() {
+    let _serial = one_at_a_time();
+    leader_loss(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_members_lose_their_leader_and_nothing_else() {
+    let _serial = one_at_a_time();
+    leader_loss(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_down_during_many_writes_catches_up_by_snapshot() {
+    let _serial = one_at_a_time();
+    const WRITES: usize = 20_000;
+    let mut cluster = Cluster::start(Kind::Kvstore, 3, "snapshot", &["--snapshot-count=1000"]);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let down = (leader + 1) % 3;
+    cluster.kill(down);
+    let mut kv = KvClient::new(cluster.members[leader].channel().await);
+    let mut acknowledged = BTreeMap::new();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut kv = kv.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut written = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= WRITES {
+                    return Ok::<_, tonic::Status>(written);
+                }
+                let key = format!("w/{n}").into_bytes();
+                kv.put(PutRequest {
                     key: key.clone(),
                     value: b"1".to_vec(),
                     ..Default::default()
