@@ -574,11 +574,13 @@ impl EtcdServer {
             // random election timeout after the last heartbeat, and a voter refuses
             // candidates while its own lease holds (which is what keeps a member
             // back from a partition from disrupting the cluster, as etcd's pre-vote
-            // does). These bounds put a new election within two --election-timeouts
-            // of the leader's last heartbeat, as etcd's randomized timeouts do.
-            election_timeout_min: (config.election_timeout * 3 / 5)
-                .max(config.heartbeat_interval + 1),
-            election_timeout_max: config.election_timeout,
+            // does). With these bounds a follower campaigns between 1.3 and 1.6
+            // --election-timeouts after the leader's last heartbeat, so a new leader
+            // comes within two of them even with openraft's tick (1.5 heartbeats)
+            // and a refused first candidate.
+            election_timeout_min: (config.election_timeout / 2).max(config.heartbeat_interval + 1),
+            election_timeout_max: (config.election_timeout * 4 / 5)
+                .max(config.heartbeat_interval + 2),
             // Snapshots follow applied client requests (see `trigger_snapshots`), not
             // log entries: one entry carries a whole batch.
             snapshot_policy: openraft::SnapshotPolicy::Never,
@@ -1231,6 +1233,44 @@ impl EtcdServer {
             _ if metrics.vote.is_committed() => metrics.current_leader,
             _ => None,
         }
+    }
+
+    /// Called when this member refused a candidate. If the candidate's log is shorter
+    /// than this member's and the leader has been silent for an election timeout,
+    /// this member campaigns at once: voters refuse the shorter log, so waiting for
+    /// this member's own timer would only leave the cluster without a leader longer
+    /// (and the shorter log might campaign again first). A live leader's followers
+    /// never do this.
+    pub fn campaign_if_longer_log(&self, candidate_log: Option<openraft::LogId<u64>>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Follower
+            || !metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == self.identity.member_id)
+            || metrics.last_log_index <= candidate_log.map(|log_id| log_id.index)
+        {
+            return;
+        }
+        let leader_silent = metrics.current_leader.is_none_or(|leader| {
+            leader == self.identity.member_id
+                || !self
+                    .peers
+                    .answered_within(leader, self.limits.election_timeout)
+        });
+        if !leader_silent {
+            return;
+        }
+        tracing::info!(
+            candidate_last_index = candidate_log.map_or(0, |log_id| log_id.index),
+            own_last_index = metrics.last_log_index.unwrap_or(0),
+            "refused a candidate with a shorter log while the leader is silent; campaigning"
+        );
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().elect().await;
+        });
     }
 
     /// Raft status for the Status RPC: leader, last log index, term, applied index.

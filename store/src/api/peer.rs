@@ -47,8 +47,13 @@ impl Peer for PeerService {
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.check(&request.get_ref().header, "vote")?;
-        let rpc = raft_request(&request)?;
-        raft_reply(self.server.raft().vote(rpc).await)
+        let rpc: openraft::raft::VoteRequest<u64> = raft_request(&request)?;
+        let candidate_log = rpc.last_log_id;
+        let result = self.server.raft().vote(rpc).await;
+        if result.as_ref().is_ok_and(|response| !response.vote_granted) {
+            self.server.campaign_if_longer_log(candidate_log);
+        }
+        raft_reply(result)
     }
 
     async fn install_snapshot(
