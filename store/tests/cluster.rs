@@ -19,16 +19,6 @@ use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvstore::pb::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest};
 use tonic::transport::Channel;
 
-/// The tests of this file run one at a time: each runs several members on two
-/// cores, and leader-loss timings must not depend on what runs beside them.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// key -> value of every acknowledged put.
 type Acknowledged = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
 
@@ -199,19 +189,19 @@ async fn leader_loss(size: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_lose_their_leader_and_nothing_else() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     leader_loss(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_lose_their_leader_and_nothing_else() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     leader_loss(5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_down_during_many_writes_catches_up_by_snapshot() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     const WRITES: usize = 20_000;
     let mut cluster = Cluster::start(Kind::Kvstore, 3, "snapshot", &["--snapshot-count=1000"]);
     let leader = cluster.wait_leader(Duration::from_secs(10));
@@ -281,7 +271,7 @@ async fn a_member_down_during_many_writes_catches_up_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_loses_nothing() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let mut cluster = Cluster::start(Kind::Kvstore, 3, "rolling", &[]);
     let writers = start_writers(&cluster, 6);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -302,7 +292,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
 
 #[test]
 fn clusters_with_different_tokens_never_merge() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let first = Cluster::start(Kind::Kvstore, 3, "token-a", &[]);
     // A second cluster whose --initial-cluster names one of the first cluster's
     // peer URLs as its own third member.
@@ -351,7 +341,7 @@ fn clusters_with_different_tokens_never_merge() {
 /// exception", in about one stop of five).
 #[test]
 fn sigterm_stops_every_member_cleanly() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     for round in 0..5 {
         let mut cluster = Cluster::start(Kind::Kvstore, 3, &format!("stop-{round}"), &[]);
         let put = cluster.etcdctl(0, &["put", "k", "v"]);

@@ -22,16 +22,6 @@ use kvstore::pb::etcdserverpb::{PutRequest, RangeRequest};
 use serde_json::Value;
 use tonic::transport::Channel;
 
-/// The tests of this file run one at a time: each runs three members or more on two
-/// cores, and the transfer timings must not depend on what runs beside them.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Runs etcdctl with the given endpoints.
 fn etcdctl(endpoints: &str, args: &[&str]) -> String {
     let output = std::process::Command::new(common::ETCDCTL)
@@ -383,7 +373,7 @@ fn session(cluster: &Cluster, dir: &std::path::Path) -> Vec<(String, String)> {
 
 #[test]
 fn cluster_commands_match_etcd() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let etcd_dir = dir.path().join("etcd");
     let ours_dir = dir.path().join("kvstore");
@@ -464,7 +454,7 @@ async fn write_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_moves_under_writes_without_loss() {
-    let _serial = one_at_a_time();
+    let _serial = common::one_at_a_time();
     let cluster = Cluster::start(Kind::Kvstore, 3, "move-under-load", &[]);
     let all = urls(&cluster);
     let names = Names::of(&cluster);

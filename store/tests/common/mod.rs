@@ -9,6 +9,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Holds the test binary's one-at-a-time lock: tests that run several members on
+/// two cores, or time elections, must not run beside each other.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The Debian etcd server the tests compare against.
 pub const ETCD: &str = "/usr/bin/etcd";
 /// The Debian etcdctl the tests drive both servers with.
