@@ -518,30 +518,34 @@ impl EtcdServer {
                 reason: format!("member record is corrupt: {e}"),
             })?;
         let fresh = stored_identity.is_none();
-        if let (true, Some(url)) = (fresh, &config.discovery) {
-            // The initial cluster comes from the discovery service, as etcd's does.
-            let peer_urls = config.initial_advertise_peer_urls.strings();
-            let member_id = crate::ids::member_id(&peer_urls, &config.initial_cluster_token);
-            let cluster = crate::discovery::join(url, member_id, &config.name, &peer_urls)
-                .await
-                .map_err(|e| Error::Raft(e.to_string()))?;
-            tracing::info!(initial_cluster = %cluster, "discovered the initial cluster");
+        // The initial cluster of a new member may come from a discovery service or
+        // from DNS SRV records, as etcd's does.
+        let found = match (fresh, &config.discovery, &config.discovery_srv) {
+            (true, Some(url), _) => {
+                let peer_urls = config.initial_advertise_peer_urls.strings();
+                let member_id = crate::ids::member_id(&peer_urls, &config.initial_cluster_token);
+                Some(
+                    crate::discovery::join(url, member_id, &config.name, &peer_urls)
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            (true, None, Some(domain)) => Some(
+                crate::srv::initial_cluster(
+                    domain,
+                    config.discovery_srv_name.as_deref(),
+                    &config.name,
+                    &config.initial_advertise_peer_urls.0,
+                )
+                .await,
+            ),
+            _ => None,
+        };
+        if let Some(found) = found {
+            let cluster = found.map_err(Error::Bootstrap)?;
+            tracing::info!(initial_cluster = %cluster, "found the initial cluster");
             discovered = config.clone();
             discovered.discovery = None;
-            discovered.initial_cluster = Some(cluster);
-            config = &discovered;
-        } else if let (true, Some(domain)) = (fresh, &config.discovery_srv) {
-            // The initial cluster comes from DNS SRV records.
-            let cluster = crate::srv::initial_cluster(
-                domain,
-                config.discovery_srv_name.as_deref(),
-                &config.name,
-                &config.initial_advertise_peer_urls.0,
-            )
-            .await
-            .map_err(Error::Bootstrap)?;
-            tracing::info!(initial_cluster = %cluster, "got the initial cluster from DNS SRV records");
-            discovered = config.clone();
             discovered.discovery_srv = None;
             discovered.initial_cluster = Some(cluster);
             config = &discovered;

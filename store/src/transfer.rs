@@ -126,32 +126,32 @@ impl EtcdServer {
         let lease = Duration::from_millis(config.election_timeout_max);
         let heartbeat = Duration::from_millis(config.heartbeat_interval);
         let deadline = Instant::now() + lease * TRANSFER_LEASES;
-        let mut metrics = raft.metrics();
+        let wait = || raft.wait(Some(deadline.saturating_duration_since(Instant::now())));
+        let timed_out = |_| Error::Etcd(EtcdError::TimeoutLeaderTransfer);
         // The transferee must hold the whole log, or the voters would refuse it.
-        let address = loop {
-            let current = metrics.borrow_and_update().clone();
-            if current.state != ServerState::Leader {
-                return Err(EtcdError::LeaderChanged.into());
-            }
-            let matched = current
-                .replication
+        let matched = |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+            m.replication
                 .as_ref()
-                .and_then(|replication| replication.get(&target).cloned().flatten());
-            if matched.map(|log_id| log_id.index) >= current.last_log_index {
-                break current
-                    .membership_config
-                    .membership()
-                    .get_node(&target)
-                    .map(|node| node.addr.clone())
-                    .ok_or(EtcdError::BadLeaderTransferee)?;
-            }
-            if tokio::time::timeout_at(deadline.into(), metrics.changed())
-                .await
-                .is_err()
-            {
-                return Err(EtcdError::TimeoutLeaderTransfer.into());
-            }
+                .and_then(|replication| replication.get(&target).cloned().flatten())
+                .map(|log_id| log_id.index)
+                >= m.last_log_index
         };
+        let current = wait()
+            .metrics(
+                |m| m.state != ServerState::Leader || matched(m),
+                "transferee caught up",
+            )
+            .await
+            .map_err(timed_out)?;
+        if current.state != ServerState::Leader {
+            return Err(EtcdError::LeaderChanged.into());
+        }
+        let address = current
+            .membership_config
+            .membership()
+            .get_node(&target)
+            .map(|node| node.addr.clone())
+            .ok_or(EtcdError::BadLeaderTransferee)?;
         // Every voter last heard from this leader before now: wait its lease out.
         tokio::time::sleep(lease + heartbeat).await;
         let mut client = self
@@ -165,18 +165,14 @@ impl EtcdServer {
                 tracing::warn!(%status, "the transferee did not take the request to campaign");
                 Error::Etcd(EtcdError::TimeoutLeaderTransfer)
             })?;
-        loop {
-            let current = metrics.borrow_and_update().clone();
-            if current.current_leader == Some(target) && current.vote.is_committed() {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline.into(), metrics.changed())
-                .await
-                .is_err()
-            {
-                return Err(EtcdError::TimeoutLeaderTransfer.into());
-            }
-        }
+        wait()
+            .metrics(
+                |m| m.current_leader == Some(target) && m.vote.is_committed(),
+                "transferee leads",
+            )
+            .await
+            .map_err(timed_out)?;
+        Ok(())
     }
 }
 

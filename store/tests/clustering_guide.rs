@@ -38,6 +38,12 @@ ETCD={etcd}
 ETCDCTL="{etcdctl}"
 export ETCD_UNSUPPORTED_ARCH={arch}
 export ETCDCTL_API=3
+healthy() {{ # endpoints: waits up to 30 s for all of them to answer
+  for i in $(seq 150); do
+    $ETCDCTL --endpoints=$1 endpoint health >/dev/null 2>&1 && return
+    sleep 0.2
+  done
+}}
 {script}
 "#,
         dir = dir.display(),
@@ -90,10 +96,7 @@ for i in 0 1 2; do
     --initial-cluster-state new --data-dir {d}/infra$i >{d}/infra$i.log 2>&1 &
 done
 EP=127.0.0.10:2379,127.0.0.11:2379,127.0.0.12:2379
-for i in $(seq 150); do
-  $ETCDCTL --endpoints=$EP endpoint health >/dev/null 2>&1 && break
-  sleep 0.2
-done
+healthy $EP
 echo "== member list"
 $ETCDCTL member list | sort
 echo "== health"
@@ -137,10 +140,7 @@ start m0 http://m0.example.com:2380 127.0.0.10
 start m1 http://127.0.0.11:2380 127.0.0.11
 start m2 http://127.0.0.12:2380 127.0.0.12
 EP=http://m0.example.com:2379,http://m1.example.com:2379,http://m2.example.com:2379
-for i in $(seq 100); do
-  ETCDCTL_API=3 $ETCDCTL --endpoints=$EP endpoint health >/dev/null 2>&1 && break
-  sleep 0.2
-done
+healthy $EP
 echo "== health"
 ETCDCTL_API=3 $ETCDCTL --endpoints=$EP endpoint health 2>&1 | sed 's/took = .*/took/' | sort
 echo "== members"
@@ -256,10 +256,7 @@ for i in 0 1 2; do
     >{d}/m$i.log 2>&1 &
 done
 EP=http://127.0.0.10:2379,http://127.0.0.11:2379,http://127.0.0.12:2379
-for i in $(seq 100); do
-  ETCDCTL_API=3 $ETCDCTL --endpoints=$EP endpoint health >/dev/null 2>&1 && break
-  sleep 0.2
-done
+healthy $EP
 ETCDCTL_API=3 $ETCDCTL --endpoints=$EP member list | cut -d, -f3,4 | sort
 "#
     );

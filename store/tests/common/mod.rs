@@ -18,6 +18,15 @@ pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A gRPC channel to a client URL.
+pub async fn connect(url: String) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(url.clone())
+        .expect("valid URL")
+        .connect()
+        .await
+        .unwrap_or_else(|error| panic!("connect to {url}: {error}"))
+}
+
 /// The Debian etcd server the tests compare against.
 pub const ETCD: &str = "/usr/bin/etcd";
 /// The Debian etcdctl the tests drive both servers with.
@@ -170,11 +179,7 @@ impl Server {
 
     /// A gRPC channel to this server.
     pub async fn channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Channel::from_shared(self.url())
-            .expect("valid URL")
-            .connect()
-            .await
-            .expect("connect to server")
+        connect(self.url()).await
     }
 
     /// Runs etcdctl against this server.
@@ -544,11 +549,7 @@ impl Member {
     }
     /// A gRPC channel to this member.
     pub async fn channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Channel::from_shared(self.url())
-            .expect("valid URL")
-            .connect()
-            .await
-            .expect("connect to member")
+        connect(self.url()).await
     }
 }
 
