@@ -246,3 +246,35 @@ fn removals_that_would_lose_the_quorum_are_refused() {
         text(&duplicate)
     );
 }
+
+/// As etcd: a member is added only once every voter has been connected to the leader
+/// for five seconds; before that the answer is "etcdserver: unhealthy cluster".
+#[test]
+fn adds_wait_until_every_voter_was_connected_for_a_while() {
+    let started = Instant::now();
+    let cluster = Cluster::start(Kind::Kvstore, 3, "young", &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let add = [
+        "member",
+        "add",
+        "l1",
+        "--learner",
+        "--peer-urls=http://127.0.0.1:9",
+    ];
+    let early = cluster.etcdctl(leader, &add);
+    // The cluster came up within a few seconds, so its links are younger than 5 s.
+    if started.elapsed() < Duration::from_millis(4500) {
+        assert!(
+            text(&early).contains("etcdserver: unhealthy cluster"),
+            "{}",
+            text(&early)
+        );
+    } else {
+        eprintln!(
+            "the cluster took {:?} to start; the early add was not checked",
+            started.elapsed()
+        );
+    }
+    let later = reconfigure(&cluster, leader, &add);
+    assert!(later.status.success(), "{}", text(&later));
+}
