@@ -3,6 +3,7 @@
 //! validated by the api layer; what depends on the state (revisions, existing keys)
 //! is checked here.
 
+use crate::auth::Access;
 use crate::error::EtcdError;
 use crate::mvcc::{self, KeyRange, ReadView, Writer};
 use crate::pb::etcdserverpb::alarm_request::AlarmAction;
@@ -17,7 +18,7 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::kvstorepb::internal_raft_request::Request;
 use crate::pb::kvstorepb::internal_raft_response::Response;
-use crate::pb::kvstorepb::{InternalRaftRequest, InternalRaftResponse};
+use crate::pb::kvstorepb::{AuthApplied, InternalRaftRequest, InternalRaftResponse};
 use crate::pb::mvccpb::KeyValue;
 
 /// Applies one proposal. Client errors become an error response; only storage
@@ -30,6 +31,11 @@ pub fn apply(
     if writer.alarmed(AlarmType::Nospace as i32) && grows(request) {
         return Ok(InternalRaftResponse {
             response: Some(Response::Error(EtcdError::NoSpace.number())),
+        });
+    }
+    if let Err(error) = check_permission(writer, request) {
+        return Ok(InternalRaftResponse {
+            response: Some(Response::Error(error.number())),
         });
     }
     let result = match &request.request {
@@ -53,6 +59,49 @@ pub fn apply(
             );
             Ok(Response::MemberAttributes(attributes.clone()))
         }
+        Some(Request::Authenticate(authenticate)) => {
+            let state = writer.auth();
+            if !state.enabled() {
+                Err(EtcdError::AuthNotEnabled.into())
+            } else if state.user(&authenticate.name).is_none() {
+                Err(EtcdError::AuthFailed.into())
+            } else {
+                state.add_token(
+                    &authenticate.simple_token,
+                    &authenticate.name,
+                    writer.token_ttl(),
+                );
+                Ok(auth_applied(writer))
+            }
+        }
+        Some(Request::AuthEnable(_)) => change_auth(writer, |state| state.enable()),
+        Some(Request::AuthDisable(_)) => change_auth(writer, |state| {
+            state.disable();
+            Ok(())
+        }),
+        Some(Request::UserAdd(add)) => change_auth(writer, |state| state.user_add(add)),
+        Some(Request::UserDelete(delete)) => {
+            change_auth(writer, |state| state.user_delete(&delete.name))
+        }
+        Some(Request::UserChangePassword(change)) => {
+            change_auth(writer, |state| state.user_change_password(change))
+        }
+        Some(Request::UserGrantRole(grant)) => {
+            change_auth(writer, |state| state.user_grant_role(grant))
+        }
+        Some(Request::UserRevokeRole(revoke)) => {
+            change_auth(writer, |state| state.user_revoke_role(revoke))
+        }
+        Some(Request::RoleAdd(add)) => change_auth(writer, |state| state.role_add(&add.name)),
+        Some(Request::RoleDelete(delete)) => {
+            change_auth(writer, |state| state.role_delete(&delete.role))
+        }
+        Some(Request::RoleGrantPermission(grant)) => {
+            change_auth(writer, |state| state.role_grant_permission(grant))
+        }
+        Some(Request::RoleRevokePermission(revoke)) => {
+            change_auth(writer, |state| state.role_revoke_permission(revoke))
+        }
         None => Ok(Response::Error(EtcdError::NotCapable.number())),
     };
     let response = match result {
@@ -63,6 +112,57 @@ pub fn apply(
     Ok(InternalRaftResponse {
         response: Some(response),
     })
+}
+
+/// The permission checks of etcd's auth applier, made where the request takes
+/// effect: what the request's user may do is decided by the auth store as of this
+/// entry, and a request checked against an older auth revision is refused.
+fn check_permission(writer: &Writer<'_>, request: &InternalRaftRequest) -> Result<(), EtcdError> {
+    let auth = request.auth.as_ref();
+    let state = writer.auth();
+    if !state.enabled() {
+        return Ok(());
+    }
+    match &request.request {
+        Some(Request::Put(put)) => {
+            state.check(auth, &put.key, &[], Access::Write)?;
+            state.check_lease_keys(auth, put.lease, writer.leases())?;
+            if put.prev_kv {
+                state.check(auth, &put.key, &[], Access::Read)?;
+            }
+            Ok(())
+        }
+        Some(Request::DeleteRange(delete)) => {
+            state.check(auth, &delete.key, &delete.range_end, Access::Write)?;
+            if delete.prev_kv {
+                state.check(auth, &delete.key, &delete.range_end, Access::Read)?;
+            }
+            Ok(())
+        }
+        Some(Request::Txn(txn)) => state.check_txn(auth, txn, writer.leases()),
+        Some(Request::LeaseRevoke(revoke)) => {
+            state.check_lease_keys(auth, revoke.id, writer.leases())
+        }
+        Some(Request::LeaseGrant(_)) | Some(Request::Authenticate(_)) => Ok(()),
+        Some(Request::MemberAttributes(_)) | None => Ok(()),
+        // Compaction and alarms change what every user sees; auth management is
+        // the root's.
+        Some(_) => state.check_admin(auth),
+    }
+}
+
+fn auth_applied(writer: &Writer<'_>) -> Response {
+    Response::Auth(AuthApplied {
+        revision: writer.auth().revision(),
+    })
+}
+
+fn change_auth(
+    writer: &mut Writer<'_>,
+    change: impl FnOnce(&mut crate::auth::AuthState) -> Result<(), EtcdError>,
+) -> Result<Response, mvcc::Error> {
+    writer.change_auth(change)?;
+    Ok(auth_applied(writer))
 }
 
 /// Whether a request may grow the store: refused while the NOSPACE alarm is raised,

@@ -231,6 +231,101 @@ pub struct Config {
     #[arg(long, env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub experimental_watch_progress_notify_interval: std::time::Duration,
 
+    /// Path to the client server TLS certificate file.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Path to the client server TLS key file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Path to the client server TLS trusted CA certificate file.
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Enable client certificate authentication.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub client_cert_auth: bool,
+
+    /// Client TLS using generated certificates.
+    #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub auto_tls: bool,
+
+    /// Path to the peer server TLS certificate file.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+
+    /// Path to the peer server TLS key file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+
+    /// Path to the peer server TLS trusted CA file.
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+
+    /// Enable peer client certificate authentication.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub peer_client_cert_auth: bool,
+
+    /// Peer TLS using generated certificates.
+    #[arg(long, env = "ETCD_PEER_AUTO_TLS", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub peer_auto_tls: bool,
+
+    /// Allowed CommonName for inter-peer authentication.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN")]
+    pub peer_cert_allowed_cn: Option<String>,
+
+    /// The validity period of the self-signed certificates, in years.
+    #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub self_signed_cert_validity: u32,
+
+    /// Comma-separated list of supported TLS 1.2 cipher suites between client/server
+    /// and peers (Go's names; empty means rustls' defaults).
+    #[arg(long, env = "ETCD_CIPHER_SUITES", value_delimiter = ',')]
+    pub cipher_suites: Vec<String>,
+
+    /// Minimum TLS version: TLS1.2 or TLS1.3.
+    #[arg(long, env = "ETCD_TLS_MIN_VERSION", default_value = "TLS1.2")]
+    pub tls_min_version: String,
+
+    /// Maximum TLS version: TLS1.2 or TLS1.3 (empty: the newest).
+    #[arg(long, env = "ETCD_TLS_MAX_VERSION", default_value = "")]
+    pub tls_max_version: String,
+
+    /// A TLS handshake not finished within this time is dropped (a Go duration).
+    #[arg(long, env = "ETCD_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: std::time::Duration,
+
+    /// Maximum open connections on each client and peer listener; more wait in the
+    /// listen queue.
+    #[arg(long, env = "ETCD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Maximum concurrent streams that each client connection may open.
+    #[arg(long, env = "ETCD_MAX_CONCURRENT_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Frequency duration of server-to-client pings to check if a connection is alive
+    /// (0 to disable).
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_INTERVAL", default_value = "2h", value_parser = parse_duration)]
+    pub grpc_keepalive_interval: std::time::Duration,
+
+    /// Additional duration of wait before closing a non-responsive connection.
+    #[arg(long, env = "ETCD_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub grpc_keepalive_timeout: std::time::Duration,
+
+    /// Auth token type: 'simple' or 'jwt,pub-key=...,priv-key=...,sign-method=...'.
+    #[arg(long, env = "ETCD_AUTH_TOKEN", default_value = "simple")]
+    pub auth_token: String,
+
+    /// The lifetime in seconds of a simple auth token.
+    #[arg(long, env = "ETCD_AUTH_TOKEN_TTL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_token_ttl: u64,
+
+    /// Cost of the bcrypt hash of user passwords (4 to 31).
+    #[arg(long, env = "ETCD_BCRYPT_COST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub bcrypt_cost: u32,
+
     /// Log level: debug, info, warn, error, panic or fatal.
     #[arg(long, env = "ETCD_LOG_LEVEL", value_enum, default_value = "info")]
     pub log_level: LogLevel,
@@ -326,6 +421,33 @@ impl Config {
                 return Err(format!("--discovery {url:?} must be an http(s) URL"));
             }
         }
+        let client_tls = self.cert_file.is_some() || self.key_file.is_some() || self.auto_tls;
+        if let Some(url) = self
+            .listen_client_urls
+            .0
+            .iter()
+            .find(|url| url.scheme == "https" && !client_tls)
+        {
+            return Err(format!("TLS key/cert (--cert-file, --key-file) must be provided for client url {url} with HTTPS scheme"));
+        }
+        let peer_tls =
+            self.peer_cert_file.is_some() || self.peer_key_file.is_some() || self.peer_auto_tls;
+        if let Some(url) = self
+            .listen_peer_urls
+            .0
+            .iter()
+            .find(|url| url.scheme == "https" && !peer_tls)
+        {
+            return Err(format!("TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url {url} with HTTPS scheme"));
+        }
+        if self.client_cert_auth && self.trusted_ca_file.is_none() && !self.auto_tls {
+            return Err("--client-cert-auth needs --trusted-ca-file".into());
+        }
+        if self.peer_client_cert_auth && self.peer_trusted_ca_file.is_none() && !self.peer_auto_tls
+        {
+            return Err("--peer-client-cert-auth needs --peer-trusted-ca-file".into());
+        }
+        self.tls_options().check()?;
         let cluster = self.initial_cluster_members()?;
         let own: Vec<String> = cluster
             .iter()
@@ -359,6 +481,104 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The TLS versions and cipher suites of every listener and peer call.
+    pub fn tls_options(&self) -> crate::tls::TlsOptions {
+        crate::tls::TlsOptions {
+            cipher_suites: self.cipher_suites.clone(),
+            min_version: self.tls_min_version.clone(),
+            max_version: self.tls_max_version.clone(),
+        }
+    }
+
+    /// The client listeners' certificates: the given files, or with `--auto-tls` a
+    /// self-signed pair under `<data-dir>/fixtures/client`; `None` without TLS.
+    pub fn client_tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        let hosts = || {
+            self.listen_client_urls
+                .0
+                .iter()
+                .chain(&self.advertise_client_urls.0)
+                .map(|url| url.host.clone())
+                .collect::<Vec<_>>()
+        };
+        self.tls_files(
+            [&self.cert_file, &self.key_file, &self.trusted_ca_file],
+            self.client_cert_auth,
+            self.auto_tls,
+            None,
+            ("client", hosts),
+            ["cert-file", "key-file"],
+        )
+    }
+
+    /// The peer listeners' and peer calls' certificates, as [`Config::client_tls_files`].
+    pub fn peer_tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        let hosts = || {
+            self.listen_peer_urls
+                .0
+                .iter()
+                .chain(&self.initial_advertise_peer_urls.0)
+                .map(|url| url.host.clone())
+                .collect::<Vec<_>>()
+        };
+        self.tls_files(
+            [
+                &self.peer_cert_file,
+                &self.peer_key_file,
+                &self.peer_trusted_ca_file,
+            ],
+            self.peer_client_cert_auth,
+            self.peer_auto_tls,
+            self.peer_cert_allowed_cn.clone(),
+            ("peer", hosts),
+            ["peer-cert-file", "peer-key-file"],
+        )
+    }
+
+    fn tls_files(
+        &self,
+        [cert, key, ca]: [&Option<PathBuf>; 3],
+        client_cert_auth: bool,
+        auto: bool,
+        allowed_cn: Option<String>,
+        (fixture, hosts): (&str, impl Fn() -> Vec<String>),
+        [cert_flag, key_flag]: [&str; 2],
+    ) -> Result<Option<crate::tls::TlsFiles>, String> {
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                if auto {
+                    tracing::warn!("ignoring automatic TLS for {fixture} traffic: --{cert_flag} and --{key_flag} are given");
+                }
+                Ok(Some(crate::tls::TlsFiles {
+                    cert_file: cert.clone(),
+                    key_file: key.clone(),
+                    trusted_ca_file: ca.clone(),
+                    client_cert_auth,
+                    allowed_cn,
+                    self_signed: false,
+                }))
+            }
+            (Some(_), None) | (None, Some(_)) => Err(format!(
+                "--{cert_flag} and --{key_flag} must be given together"
+            )),
+            (None, None) if auto => {
+                let dir = self.data_dir().join("fixtures").join(fixture);
+                let (cert_file, key_file) =
+                    crate::tls::self_signed(&dir, &hosts(), self.self_signed_cert_validity)?;
+                Ok(Some(crate::tls::TlsFiles {
+                    cert_file,
+                    key_file,
+                    trusted_ca_file: None,
+                    // Nobody's certificate chains to a self-signed one.
+                    client_cert_auth: false,
+                    allowed_cn: None,
+                    self_signed: true,
+                }))
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// `--initial-cluster` as (name, peer URL) pairs; by default this member alone.

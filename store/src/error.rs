@@ -75,6 +75,22 @@ etcd_errors! {
     BadLeaderTransferee = 34, FailedPrecondition, "etcdserver: bad leader transferee";
     // etcd returns this one as a plain error, which gRPC reports as Unknown.
     TimeoutLeaderTransfer = 35, Unknown, "etcdserver: request timed out, leader transfer took too long";
+    RootUserNotExist = 36, FailedPrecondition, "etcdserver: root user does not exist";
+    RootRoleNotExist = 37, FailedPrecondition, "etcdserver: root user does not have root role";
+    UserAlreadyExist = 38, FailedPrecondition, "etcdserver: user name already exists";
+    UserEmpty = 39, InvalidArgument, "etcdserver: user name is empty";
+    UserNotFound = 40, FailedPrecondition, "etcdserver: user name not found";
+    RoleAlreadyExist = 41, FailedPrecondition, "etcdserver: role name already exists";
+    RoleNotFound = 42, FailedPrecondition, "etcdserver: role name not found";
+    RoleEmpty = 43, InvalidArgument, "etcdserver: role name is empty";
+    AuthFailed = 44, InvalidArgument, "etcdserver: authentication failed, invalid user ID or password";
+    PermissionDenied = 45, PermissionDenied, "etcdserver: permission denied";
+    RoleNotGranted = 46, FailedPrecondition, "etcdserver: role is not granted to the user";
+    PermissionNotGranted = 47, FailedPrecondition, "etcdserver: permission is not granted to the role";
+    AuthNotEnabled = 48, FailedPrecondition, "etcdserver: authentication is not enabled";
+    InvalidAuthToken = 49, Unauthenticated, "etcdserver: invalid auth token";
+    InvalidAuthMgmt = 50, InvalidArgument, "etcdserver: invalid auth management";
+    AuthOldRevision = 51, InvalidArgument, "etcdserver: revision of auth store is old";
 }
 
 impl EtcdError {

@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod apply;
+pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod ids;
+pub mod listener;
 pub mod membership;
 pub mod metrics;
 pub mod mvcc;
@@ -20,6 +22,7 @@ pub mod restore;
 pub mod server;
 pub mod srv;
 pub mod storage;
+pub mod tls;
 pub mod transfer;
 
 /// The etcd API version kvstore speaks; reported by Status and `--version`.

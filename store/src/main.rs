@@ -37,11 +37,6 @@ fn init_logging(level: LogLevel, format: LogFormat) {
 }
 
 async fn bind(url: &MemberUrl) -> anyhow::Result<TcpListener> {
-    if url.scheme != "http" {
-        anyhow::bail!(
-            "listen URL {url}: https needs TLS flags, which this version does not support"
-        );
-    }
     let addresses: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot resolve listen URL {url}: {e}"))?
@@ -74,6 +69,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for url in config.listen_metrics_urls.iter().flat_map(|list| &list.0) {
         metrics_listeners.push((url.clone(), bind(url).await?));
     }
+    let tls_options = config.tls_options();
+    let server_tls = |files: Option<kvstore::tls::TlsFiles>| -> anyhow::Result<_> {
+        files
+            .map(|files| kvstore::tls::ServerTls::new(files, tls_options.clone()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!(e))
+    };
+    let client_tls = server_tls(config.client_tls_files().map_err(|e| anyhow::anyhow!(e))?)?;
+    let peer_tls = server_tls(config.peer_tls_files().map_err(|e| anyhow::anyhow!(e))?)?;
+    let limits = kvstore::listener::ListenerLimits {
+        max_connections: config.max_connections as usize,
+        handshake_timeout: config.tls_handshake_timeout,
+    };
+    let keepalive =
+        (!config.grpc_keepalive_interval.is_zero()).then_some(config.grpc_keepalive_interval);
+    let keepalive_timeout = config.grpc_keepalive_timeout;
+    let max_streams = config.max_concurrent_streams;
+
     let server = EtcdServer::start(&config).await?;
     let identity = server.identity();
     tracing::info!(
@@ -87,16 +100,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let (shutdown_sender, shutdown) = tokio::sync::watch::channel(false);
     let mut serving = tokio::task::JoinSet::new();
     let serve = |serving: &mut tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+                 url: &MemberUrl,
                  listener: TcpListener,
+                 tls: &Option<std::sync::Arc<kvstore::tls::ServerTls>>,
                  routes: tonic::service::Routes| {
         let mut shutdown = shutdown.clone();
+        // As etcd: an http URL is served in plain text even when TLS is configured.
+        let tls = if url.scheme == "https" {
+            tls.clone()
+        } else {
+            None
+        };
         serving.spawn(async move {
-            // Small responses must not wait for Nagle's algorithm.
-            let incoming = tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
+            let incoming = kvstore::listener::incoming(listener, tls, limits)
                 .map(|connection| connection.map(kvstore::api::authority::AuthorityFix::new));
             tonic::transport::Server::builder()
                 .accept_http1(true)
+                .max_concurrent_streams(max_streams)
+                .http2_keepalive_interval(keepalive)
+                .http2_keepalive_timeout(Some(keepalive_timeout))
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -108,14 +130,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%url, "serving peer requests");
         serve(
             &mut serving,
+            &url,
             listener,
+            &peer_tls,
             kvstore::api::peer::peer_routes(server.clone()),
         );
     }
     for (url, listener) in metrics_listeners {
         tracing::info!(%url, "serving metrics");
         let router = kvstore::api::http::metrics_router(server.clone());
-        serve(&mut serving, listener, tonic::service::Routes::from(router));
+        serve(
+            &mut serving,
+            &url,
+            listener,
+            &client_tls,
+            tonic::service::Routes::from(router),
+        );
     }
 
     // As etcd: clients are served once this member has published its name and
@@ -129,7 +159,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     for (url, listener) in listeners {
         tracing::info!(%url, "serving client requests");
-        serve(&mut serving, listener, kvstore::api::routes(server.clone()));
+        serve(
+            &mut serving,
+            &url,
+            listener,
+            &client_tls,
+            kvstore::api::routes(server.clone()),
+        );
     }
 
     tokio::select! {

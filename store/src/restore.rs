@@ -88,12 +88,7 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<PathBuf> {
     let identity = crate::server::new_member_identity(&config)?;
     let members = crate::server::initial_members(&config)?;
 
-    std::fs::create_dir_all(&data_dir)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))?;
-    }
+    crate::storage::create_private_dir(&data_dir)?;
     let storage = Storage::open(&data_dir.join("member"))?;
     let (mut batch, revision) =
         crate::raft::state_machine::load_stream(&mut std::io::Cursor::new(body), &storage)?;

@@ -11,6 +11,7 @@ use openraft::error::RaftError;
 use openraft::{BasicNode, ServerState};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Access;
 use crate::config::ClusterState;
 use crate::config::Config;
 use crate::error::EtcdError;
@@ -26,6 +27,7 @@ use crate::pb::etcdserverpb::{
 };
 use crate::pb::kvstorepb::internal_raft_request::Request as Proposal;
 use crate::pb::kvstorepb::internal_raft_response::Response;
+use crate::pb::kvstorepb::AuthInfo;
 use crate::pb::kvstorepb::InternalRaftRequest;
 use crate::pb::kvstorepb::{
     LeaseRenewRequest, LeaseTimeToLiveForward, MemberAttributes, PeerHeader, RaftBatch,
@@ -65,6 +67,9 @@ pub enum Error {
     /// The initial cluster could not be found (discovery, DNS SRV records).
     #[error("{0}")]
     Bootstrap(String),
+    /// Certificates or TLS flags cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The state machine answered a request with the wrong kind of response.
     #[error("unexpected apply result: {0}")]
     Unexpected(String),
@@ -128,6 +133,40 @@ pub struct Limits {
     pub election_timeout: Duration,
     /// How often watchers that asked for it get progress notifications.
     pub watch_progress_notify_interval: Duration,
+    /// `--client-cert-auth`: a client certificate's CommonName names the user of
+    /// requests that carry no token.
+    pub client_cert_auth: bool,
+    /// `--bcrypt-cost`.
+    pub bcrypt_cost: u32,
+}
+
+tokio::task_local! {
+    /// The user the client request being served acts for (or why its token was
+    /// refused), set by the API layer around each request. Work the server does on
+    /// its own (lease expiry, alarms it raises) runs outside it.
+    pub static CALLER: Result<AuthInfo, EtcdError>;
+}
+
+/// The user the current client request acts for; `None` for the server's own work.
+pub fn caller() -> Result<Option<AuthInfo>, EtcdError> {
+    match CALLER.try_with(Clone::clone) {
+        Ok(Ok(auth)) => Ok(Some(auth)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Go's name of a gRPC code, as it appears in "rpc error: code = ... desc = ...".
+fn go_code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+}
+
+/// An etcd error as Go's gRPC client prints it (watch cancel reasons carry this).
+pub fn go_rpc_error(error: EtcdError) -> String {
+    format!(
+        "rpc error: code = {} desc = {error}",
+        go_code_name(error.code())
+    )
 }
 
 /// etcd's minimum lease TTL: one and a half election timeouts, counted in whole
@@ -264,10 +303,13 @@ async fn joining_member_identity(config: &Config) -> Result<Identity, Error> {
         .map(|(_, url)| url.to_string())
         .filter(|url| !own.contains(url))
         .collect();
-    let peers = Peers::new(Caller {
-        cluster_id: 0,
-        member_id: 0,
-    });
+    let peers = Peers::new(
+        Caller {
+            cluster_id: 0,
+            member_id: 0,
+        },
+        peer_client_tls(config)?,
+    );
     let mut failures = Vec::new();
     for url in &others {
         let mut client = match peers.client(url) {
@@ -312,6 +354,15 @@ async fn joining_member_identity(config: &Config) -> Result<Identity, Error> {
     )))
 }
 
+/// The TLS client side of calls to https peers, from the peer TLS flags.
+fn peer_client_tls(config: &Config) -> Result<Option<Arc<rustls::ClientConfig>>, Error> {
+    let Some(files) = config.peer_tls_files().map_err(Error::Tls)? else {
+        return Ok(None);
+    };
+    let client = crate::tls::client_config(&files, &config.tls_options()).map_err(Error::Tls)?;
+    Ok(Some(Arc::new(client)))
+}
+
 fn open_data_dir(path: &Path) -> Result<(), Error> {
     let data_dir_error = |reason: String| Error::DataDir {
         path: path.display().to_string(),
@@ -320,13 +371,7 @@ fn open_data_dir(path: &Path) -> Result<(), Error> {
     if path.exists() && !path.is_dir() {
         return Err(data_dir_error("it exists and is not a directory".into()));
     }
-    std::fs::create_dir_all(path).map_err(|e| data_dir_error(e.to_string()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| data_dir_error(e.to_string()))?;
-    }
+    crate::storage::create_private_dir(path).map_err(|e| data_dir_error(e.to_string()))?;
     // Probe writability now, so the error names the directory rather than a RocksDB file.
     let probe = path.join(".kvstore-probe");
     std::fs::write(&probe, b"").map_err(|e| data_dir_error(e.to_string()))?;
@@ -436,6 +481,7 @@ async fn publish_attributes(server: std::sync::Weak<EtcdServer>) {
         }
         let request = InternalRaftRequest {
             request: Some(Proposal::MemberAttributes(attributes)),
+            auth: None,
         };
         match strong.propose(request).await {
             Ok(_) => return,
@@ -602,10 +648,13 @@ impl EtcdServer {
         let requests_since_snapshot = state_machine.requests_since_snapshot();
         let raft_runtime = raft_runtime()?;
         let member_id = identity.member_id;
-        let peers = Peers::new(Caller {
-            cluster_id: identity.cluster_id,
-            member_id,
-        });
+        let peers = Peers::new(
+            Caller {
+                cluster_id: identity.cluster_id,
+                member_id,
+            },
+            peer_client_tls(config)?,
+        );
         let network = Network::new(peers.clone());
         let raft = raft_runtime
             .spawn(async move {
@@ -688,6 +737,8 @@ impl EtcdServer {
                 min_lease_ttl: min_lease_ttl(config.heartbeat_interval, config.election_timeout),
                 election_timeout: Duration::from_millis(config.election_timeout),
                 watch_progress_notify_interval: config.experimental_watch_progress_notify_interval,
+                client_cert_auth: config.client_cert_auth,
+                bcrypt_cost: config.bcrypt_cost,
             },
         });
         tokio::spawn(follow_leadership(Arc::downgrade(&server)));
@@ -790,10 +841,20 @@ impl EtcdServer {
             })
     }
 
+    /// Proposes a client request, on behalf of the user it acts for.
     async fn propose_request(&self, request: Proposal) -> Result<Response, Error> {
+        self.propose_as(request, caller()?).await
+    }
+
+    async fn propose_as(
+        &self,
+        request: Proposal,
+        auth: Option<AuthInfo>,
+    ) -> Result<Response, Error> {
         let response = self
             .propose(InternalRaftRequest {
                 request: Some(request),
+                auth,
             })
             .await?;
         match response {
@@ -806,15 +867,123 @@ impl EtcdServer {
 
     /// A Range, linearizable unless the request asks for serializable.
     pub async fn range(&self, request: &RangeRequest) -> Result<RangeResponse, Error> {
+        self.check_read(&request.key, &request.range_end)?;
         if !request.serializable {
             self.linearizable_read().await?;
         }
         let view = self.mvcc.read();
+        crate::mvcc::ReadView::auth(&view).check(
+            caller()?.as_ref(),
+            &request.key,
+            &request.range_end,
+            Access::Read,
+        )?;
         let mut response = crate::mvcc::range(&view, request)?;
         let revision = crate::mvcc::ReadView::current_revision(&view);
         drop(view);
         response.header = self.header(revision);
         Ok(response)
+    }
+
+    /// Whether the current client may read `key`..`range_end` (checked again where
+    /// the read happens; this one answers before waiting for a read index).
+    pub fn check_read(&self, key: &[u8], range_end: &[u8]) -> Result<(), EtcdError> {
+        self.mvcc
+            .auth()
+            .check(caller()?.as_ref(), key, range_end, Access::Read)
+    }
+
+    /// Whether the current client may administer the cluster (root), as etcd asks
+    /// of the Cluster and Maintenance calls and auth management.
+    pub fn check_admin(&self) -> Result<(), EtcdError> {
+        self.mvcc.auth().check_admin(caller()?.as_ref())
+    }
+
+    /// Who a client request acts for: the user of its token, else (with
+    /// `--client-cert-auth`) its certificate's CommonName, else nobody. With auth
+    /// disabled tokens are ignored, as etcd ignores them.
+    pub fn resolve_caller(
+        &self,
+        token: Option<&str>,
+        common_name: Option<&str>,
+    ) -> Result<AuthInfo, EtcdError> {
+        let auth = self.mvcc.auth();
+        if !auth.enabled() {
+            return Ok(AuthInfo::default());
+        }
+        let username = match (token, common_name) {
+            (Some(token), _) => auth
+                .token_user(token, self.mvcc.token_ttl())
+                .ok_or(EtcdError::InvalidAuthToken)?,
+            (None, Some(name)) if self.limits.client_cert_auth => name.to_string(),
+            (None, _) => return Ok(AuthInfo::default()),
+        };
+        Ok(AuthInfo {
+            username,
+            revision: auth.revision(),
+        })
+    }
+
+    /// Proposes an auth management request for the current client (whose
+    /// permission apply checks) and returns the auth revision after it.
+    pub async fn auth_change(&self, request: Proposal) -> Result<(), Error> {
+        match self.propose_request(request).await? {
+            Response::Auth(_) => Ok(()),
+            other => Err(Error::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Checks a password and hands out a simple token valid on every member.
+    pub async fn authenticate(&self, name: &str, password: &str) -> Result<String, Error> {
+        self.linearizable_read().await?;
+        loop {
+            let (hash, revision) = {
+                let auth = self.mvcc.auth();
+                if !auth.enabled() {
+                    return Err(EtcdError::AuthNotEnabled.into());
+                }
+                let user = auth.user(name).ok_or(EtcdError::AuthFailed)?;
+                if user.options.is_some_and(|options| options.no_password) {
+                    return Err(EtcdError::AuthFailed.into());
+                }
+                (
+                    String::from_utf8_lossy(&user.password).into_owned(),
+                    auth.revision(),
+                )
+            };
+            let password = password.to_string();
+            let matches = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
+                .await
+                .map_err(|e| Error::Raft(e.to_string()))?
+                .unwrap_or(false);
+            if !matches {
+                tracing::info!(user = name, "authentication failed: invalid password");
+                return Err(EtcdError::AuthFailed.into());
+            }
+            let token = crate::auth::new_simple_token();
+            let request =
+                Proposal::Authenticate(crate::pb::kvstorepb::InternalAuthenticateRequest {
+                    name: name.to_string(),
+                    simple_token: token.clone(),
+                });
+            match self.propose_as(request, None).await? {
+                Response::Auth(_) => {}
+                other => return Err(Error::Unexpected(format!("{other:?}"))),
+            }
+            // The user changed while the password was checked: check again.
+            if self.mvcc.auth().revision() == revision {
+                return Ok(token);
+            }
+        }
+    }
+
+    /// Hashes a password with bcrypt at `--bcrypt-cost`, off the async threads.
+    pub async fn hash_password(&self, password: String) -> Result<String, Error> {
+        let cost = self.limits.bcrypt_cost;
+        tokio::task::spawn_blocking(move || bcrypt::hash(password, cost))
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?
+            .map_err(|e| Error::Raft(format!("cannot hash the password: {e}")))
     }
 
     /// etcd's quota: a request that would take the backend over
@@ -838,7 +1007,7 @@ impl EtcdServer {
             member_id: self.identity.member_id,
             alarm: crate::pb::etcdserverpb::AlarmType::Nospace as i32,
         };
-        if let Err(error) = self.propose_request(Proposal::Alarm(alarm)).await {
+        if let Err(error) = self.propose_as(Proposal::Alarm(alarm), None).await {
             tracing::warn!(%error, "cannot raise the NOSPACE alarm");
         }
         Err(EtcdError::NoSpace.into())
@@ -883,6 +1052,11 @@ impl EtcdServer {
                 self.linearizable_read().await?;
             }
             let mut view = self.mvcc.read();
+            {
+                use crate::mvcc::ReadView;
+                view.auth()
+                    .check_txn(caller()?.as_ref(), &request, view.leases())?;
+            }
             let mut response = crate::apply::read_only_txn(&mut view, &request)?;
             drop(view);
             self.fill_header(&mut response.header);

@@ -36,10 +36,10 @@ impl ClusterService {
             .server
             .leader_peer_url()
             .ok_or_else(|| Status::from(EtcdError::NoLeader))?;
-        let channel = Channel::from_shared(url)
-            .map_err(|_| Status::from(EtcdError::NoLeader))?
-            .connect()
-            .await
+        let channel = self
+            .server
+            .peers()
+            .channel(&url)
             .map_err(|_| Status::from(EtcdError::NoLeader))?;
         Ok(Some(ClusterClient::new(channel)))
     }
@@ -51,6 +51,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        // As etcd with auth enabled: the root role only.
+        self.server.check_admin()?;
         if let Some(mut leader) = self.leader().await? {
             return leader.member_add(request.into_inner()).await;
         }
@@ -70,6 +72,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        // As etcd with auth enabled: the root role only.
+        self.server.check_admin()?;
         if let Some(mut leader) = self.leader().await? {
             return leader.member_remove(request.into_inner()).await;
         }
@@ -84,6 +88,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        // As etcd with auth enabled: the root role only.
+        self.server.check_admin()?;
         if let Some(mut leader) = self.leader().await? {
             return leader.member_update(request.into_inner()).await;
         }
@@ -102,6 +108,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        // As etcd with auth enabled: the root role only.
+        self.server.check_admin()?;
         if request.into_inner().linearizable {
             self.server.linearizable_read().await?;
         }
@@ -115,6 +123,8 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        // As etcd with auth enabled: the root role only.
+        self.server.check_admin()?;
         if let Some(mut leader) = self.leader().await? {
             return leader.member_promote(request.into_inner()).await;
         }

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Code, Status};
 
+use super::auth::AuthService;
 use super::cluster::ClusterService;
 use super::election::ElectionService;
 use super::kv::KvService;
@@ -23,6 +24,7 @@ use super::lease::LeaseService;
 use super::lock::LockService;
 use super::maintenance::MaintenanceService;
 use super::watch::WatchService;
+use crate::pb::etcdserverpb::auth_server::Auth;
 use crate::pb::etcdserverpb::cluster_server::Cluster;
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::lease_server::Lease;
@@ -104,6 +106,7 @@ where
 
 /// The services behind the gateway.
 struct Services {
+    auth: AuthService,
     kv: KvService,
     lease: LeaseService,
     cluster: ClusterService,
@@ -128,6 +131,7 @@ macro_rules! route {
 /// The gateway's routes.
 pub fn router(server: Arc<EtcdServer>) -> Router {
     let services = Arc::new(Services {
+        auth: AuthService::new(server.clone()),
         kv: KvService::new(server.clone()),
         lease: LeaseService::new(server.clone()),
         cluster: ClusterService::new(server.clone()),
@@ -207,6 +211,48 @@ pub fn router(server: Arc<EtcdServer>) -> Router {
         services,
         "/v3/maintenance/hash",
         maintenance.hash_kv
+    );
+    route!(router, services, "/v3/auth/enable", auth.auth_enable);
+    route!(router, services, "/v3/auth/disable", auth.auth_disable);
+    route!(router, services, "/v3/auth/status", auth.auth_status);
+    route!(router, services, "/v3/auth/authenticate", auth.authenticate);
+    route!(router, services, "/v3/auth/user/add", auth.user_add);
+    route!(router, services, "/v3/auth/user/get", auth.user_get);
+    route!(router, services, "/v3/auth/user/list", auth.user_list);
+    route!(router, services, "/v3/auth/user/delete", auth.user_delete);
+    route!(
+        router,
+        services,
+        "/v3/auth/user/changepw",
+        auth.user_change_password
+    );
+    route!(
+        router,
+        services,
+        "/v3/auth/user/grant",
+        auth.user_grant_role
+    );
+    route!(
+        router,
+        services,
+        "/v3/auth/user/revoke",
+        auth.user_revoke_role
+    );
+    route!(router, services, "/v3/auth/role/add", auth.role_add);
+    route!(router, services, "/v3/auth/role/get", auth.role_get);
+    route!(router, services, "/v3/auth/role/list", auth.role_list);
+    route!(router, services, "/v3/auth/role/delete", auth.role_delete);
+    route!(
+        router,
+        services,
+        "/v3/auth/role/grant",
+        auth.role_grant_permission
+    );
+    route!(
+        router,
+        services,
+        "/v3/auth/role/revoke",
+        auth.role_revoke_permission
     );
     route!(router, services, "/v3/lock/lock", lock.lock);
     route!(router, services, "/v3/lock/unlock", lock.unlock);

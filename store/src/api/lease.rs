@@ -114,7 +114,14 @@ impl Lease for LeaseService {
             .lease_time_to_live(request.id, request.keys)
             .await
         {
-            Ok(response) => Ok(Response::new(response)),
+            Ok(response) => {
+                // The attached keys are listed only to a user who may read each of
+                // them (etcd before 3.4.26 leaked them to anyone).
+                for key in &response.keys {
+                    self.server.check_read(key, &[])?;
+                }
+                Ok(Response::new(response))
+            }
             // etcd answers an unknown lease with TTL -1 rather than an error.
             Err(Error::Etcd(EtcdError::LeaseNotFound)) => {
                 Ok(Response::new(LeaseTimeToLiveResponse {

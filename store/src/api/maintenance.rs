@@ -33,6 +33,23 @@ fn not_yet(method: &str) -> Status {
     ))
 }
 
+/// The root role only, when auth is enabled. etcd's Maintenance service answers
+/// with the auth store's own errors (code Unknown, "auth: ..."), unlike the other
+/// services; clients see exactly that.
+fn admin_only(server: &EtcdServer) -> Result<(), Status> {
+    use crate::error::EtcdError;
+    server.check_admin().map_err(|error| {
+        let raw = match error {
+            EtcdError::PermissionDenied => "auth: permission denied",
+            EtcdError::UserEmpty => "auth: user name is empty",
+            EtcdError::UserNotFound => "auth: user not found",
+            EtcdError::InvalidAuthToken => "auth: invalid auth token",
+            other => return Status::from(other),
+        };
+        Status::unknown(raw)
+    })
+}
+
 /// Bytes per Snapshot response, as etcd sends them.
 const SNAPSHOT_CHUNK_BYTES: usize = 32 * 1024;
 
@@ -42,6 +59,8 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<AlarmRequest>,
     ) -> Result<Response<AlarmResponse>, Status> {
+        // As etcd with auth enabled: the root role only.
+        self.server.check_admin()?;
         let request = request.into_inner();
         // etcd answers Alarm without a response header.
         if request.action != crate::pb::etcdserverpb::alarm_request::AlarmAction::Get as i32 {
@@ -101,6 +120,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        admin_only(&self.server)?;
         let storage = self.server.storage().clone();
         tokio::task::spawn_blocking(move || storage.defragment())
             .await
@@ -111,6 +131,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, _request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        admin_only(&self.server)?;
         // The whole key-value history, as HashKV at the newest revision.
         let (hash, _, _) = self.server.mvcc().hash_kv(0)?;
         Ok(Response::new(HashResponse {
@@ -123,6 +144,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        admin_only(&self.server)?;
         let (hash, compact_revision, hash_revision) =
             self.server.mvcc().hash_kv(request.into_inner().revision)?;
         Ok(Response::new(HashKvResponse {
@@ -141,6 +163,7 @@ impl Maintenance for MaintenanceService {
         &self,
         _request: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        admin_only(&self.server)?;
         let file = self
             .server
             .export_snapshot()
@@ -193,6 +216,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        admin_only(&self.server)?;
         self.server
             .move_leader(request.into_inner().target_id)
             .await?;

@@ -48,6 +48,9 @@ impl WatchService {
     ) -> mpsc::Receiver<Result<WatchResponse, Status>> {
         let (responses, outbound) = mpsc::channel(RESPONSE_QUEUE);
         let session = Session {
+            // The session outlives the request's task: it keeps the user it was
+            // opened for.
+            caller: crate::server::caller(),
             stream: self.server.mvcc().watch_stream(),
             server: self.server.clone(),
             options: HashMap::new(),
@@ -82,6 +85,7 @@ struct Options {
 }
 
 struct Session {
+    caller: Result<Option<crate::pb::kvstorepb::AuthInfo>, crate::error::EtcdError>,
     stream: WatchStream,
     server: Arc<EtcdServer>,
     options: HashMap<i64, Options>,
@@ -157,6 +161,27 @@ impl Session {
     }
 
     async fn create(&mut self, create: WatchCreateRequest) -> Result<(), End> {
+        // The whole watched range must be readable: a from-key watch (range end
+        // "\0") reaches every later key.
+        let permitted = self.caller.clone().and_then(|caller| {
+            self.server.mvcc().auth().check(
+                caller.as_ref(),
+                &create.key,
+                &create.range_end,
+                crate::auth::Access::Read,
+            )
+        });
+        if let Err(error) = permitted {
+            let response = WatchResponse {
+                header: self.server.header(self.server.mvcc().hub_revision()),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: crate::server::go_rpc_error(error),
+                ..Default::default()
+            };
+            return self.send(response).await;
+        }
         let spec = WatchSpec {
             watch_id: create.watch_id,
             key: create.key,

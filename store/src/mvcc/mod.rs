@@ -113,6 +113,8 @@ struct IndexState {
     leases: LeaseTable,
     /// Raised alarms: (member ID, alarm type).
     alarms: std::collections::BTreeSet<(u64, i32)>,
+    /// Users, roles and permissions.
+    auth: crate::auth::AuthState,
 }
 
 /// The MVCC store of one member, with its watchers and leases.
@@ -121,6 +123,8 @@ pub struct Mvcc {
     state: RwLock<IndexState>,
     hub: WatchHub,
     expiries: Expiries,
+    /// How long a simple auth token stays valid without use, in seconds.
+    token_ttl: std::sync::atomic::AtomicU64,
 }
 
 /// Read access to a consistent state of the store: either a reader's view of the
@@ -136,6 +140,8 @@ pub trait ReadView {
     fn value(&self, revision: Revision) -> Result<KeyValue, Error>;
     /// The leases.
     fn leases(&self) -> &LeaseTable;
+    /// Users, roles and permissions.
+    fn auth(&self) -> &crate::auth::AuthState;
 }
 
 fn decode_value(revision: Revision, bytes: Option<Vec<u8>>) -> Result<KeyValue, Error> {
@@ -170,6 +176,9 @@ impl ReadView for Reader<'_> {
     }
     fn leases(&self) -> &LeaseTable {
         &self.state.leases
+    }
+    fn auth(&self) -> &crate::auth::AuthState {
+        &self.state.auth
     }
 }
 
@@ -209,6 +218,9 @@ impl ReadView for Writer<'_> {
     }
     fn leases(&self) -> &LeaseTable {
         &self.state.leases
+    }
+    fn auth(&self) -> &crate::auth::AuthState {
+        &self.state.auth
     }
 }
 
@@ -341,6 +353,7 @@ fn load_state(storage: &Storage) -> Result<IndexState, Error> {
     for (id, ttl) in storage.leases()? {
         state.leases.insert(id, ttl);
     }
+    state.auth = crate::auth::AuthState::load(storage.meta_with_prefix(meta_key::AUTH_PREFIX)?);
     for (key, _) in storage.meta_with_prefix(meta_key::ALARM_PREFIX)? {
         if let (Ok(member), Ok(alarm)) = (
             <[u8; 8]>::try_from(&key[..key.len().min(8)]),
@@ -401,6 +414,7 @@ impl Mvcc {
             hub: WatchHub::new(state.current_revision),
             state: RwLock::new(state),
             expiries: Expiries::default(),
+            token_ttl: std::sync::atomic::AtomicU64::new(300),
         }))
     }
 
@@ -421,6 +435,22 @@ impl Mvcc {
         drop(state);
         self.hub.restore(current);
         Ok(())
+    }
+
+    /// How long a simple auth token stays valid without use (`--auth-token-ttl`).
+    pub fn token_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.token_ttl.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Sets [`Mvcc::token_ttl`].
+    pub fn set_token_ttl(&self, ttl: std::time::Duration) {
+        self.token_ttl
+            .store(ttl.as_secs().max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Users, roles and permissions as applied.
+    pub fn auth(&self) -> parking_lot::MappedRwLockReadGuard<'_, crate::auth::AuthState> {
+        RwLockReadGuard::map(self.state.read(), |state| &state.auth)
     }
 
     /// Raised alarms: (member ID, alarm type).
@@ -707,6 +737,30 @@ impl Writer<'_> {
     /// Whether any member raised `alarm`.
     pub fn alarmed(&self, alarm: i32) -> bool {
         self.state.alarms.iter().any(|(_, raised)| *raised == alarm)
+    }
+
+    /// How long a simple auth token stays valid without use.
+    pub fn token_ttl(&self) -> std::time::Duration {
+        self.mvcc.token_ttl()
+    }
+
+    /// Changes the auth store with `change`; on success its records are rewritten in
+    /// the batch (auth changes are rare and the records few).
+    pub fn change_auth<T>(
+        &mut self,
+        change: impl FnOnce(&mut crate::auth::AuthState) -> Result<T, EtcdError>,
+    ) -> Result<T, EtcdError> {
+        let result = change(&mut self.state.auth)?;
+        let cf = self.storage.cf(CF_META);
+        let mut end = meta_key::AUTH_PREFIX.to_vec();
+        *end.last_mut().expect("prefix is not empty") += 1;
+        self.batch
+            .delete_range_cf(cf, meta_key::AUTH_PREFIX, end.as_slice());
+        for (key, value) in self.state.auth.records() {
+            self.batch
+                .put_cf(cf, [meta_key::AUTH_PREFIX, key.as_slice()].concat(), value);
+        }
+        Ok(result)
     }
 
     /// Adds a write to the meta column family (member attributes) to the batch.

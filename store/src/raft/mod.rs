@@ -127,6 +127,7 @@ mod tests {
                     value: vec![0, 1, 2, 255],
                     ..Default::default()
                 })),
+                auth: None,
             }],
         }));
         let entry = Entry {

@@ -63,18 +63,25 @@ struct Link {
 /// calls; each remembers how its peer has been answering (etcd's "active since").
 pub struct Peers {
     caller: Caller,
+    tls: Option<Arc<rustls::ClientConfig>>,
     connections: Mutex<HashMap<String, PeerClient<Channel>>>,
     links: Mutex<HashMap<u64, Link>>,
 }
 
 impl Peers {
-    /// Peer connections for `caller`.
-    pub fn new(caller: Caller) -> Arc<Peers> {
+    /// Peer connections for `caller`; https peers are called with `tls`.
+    pub fn new(caller: Caller, tls: Option<Arc<rustls::ClientConfig>>) -> Arc<Peers> {
         Arc::new(Peers {
             caller,
+            tls,
             connections: Mutex::default(),
             links: Mutex::default(),
         })
+    }
+
+    /// A new lazily connected channel to the peer at `url`.
+    pub fn channel(&self, url: &str) -> Result<Channel, Status> {
+        peer_channel(url, self.tls.clone())
     }
 
     /// Who is calling.
@@ -87,13 +94,7 @@ impl Peers {
         if let Some(client) = self.connections.lock().get(url) {
             return Ok(client.clone());
         }
-        let endpoint = Channel::from_shared(url.to_string())
-            .map_err(|e| Status::invalid_argument(format!("bad peer URL {url}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
-        let client = PeerClient::new(endpoint.connect_lazy())
+        let client = PeerClient::new(peer_channel(url, self.tls.clone())?)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         self.connections
@@ -144,6 +145,60 @@ impl Network {
     pub fn new(peers: Arc<Peers>) -> Network {
         Network { peers }
     }
+}
+
+/// A lazily connected channel to the peer at `url`: TLS with `tls` for https URLs.
+pub fn peer_channel(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Channel, Status> {
+    let bad_url =
+        |e: &dyn std::fmt::Display| Status::invalid_argument(format!("bad peer URL {url}: {e}"));
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Ok(Channel::from_shared(url.to_string())
+            .map_err(|e| bad_url(&e))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy());
+    };
+    let tls = tls.ok_or_else(|| {
+        Status::unavailable(format!(
+            "peer URL {url} is https, but peer TLS is not configured (--peer-cert-file and --peer-key-file, or --peer-auto-tls)"
+        ))
+    })?;
+    // The channel itself is told http: the connector below does the TLS, whatever
+    // TLS support tonic was built with.
+    let endpoint = Channel::from_shared(format!("http://{rest}"))
+        .map_err(|e| bad_url(&e))?
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let connector = tower::service_fn(move |uri: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let connect = async {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(std::io::Error::other)?;
+                tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await
+            };
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
 /// openraft's connection to one peer.

@@ -29,7 +29,11 @@ pub type SnapshotFile = tokio::fs::File;
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSNAP01";
 /// Meta records that are part of the replicated state, besides leases.
-const REPLICATED_META: &[&[u8]] = &[meta_key::MEMBER_ATTRIBUTES_PREFIX, meta_key::ALARM_PREFIX];
+const REPLICATED_META: &[&[u8]] = &[
+    meta_key::MEMBER_ATTRIBUTES_PREFIX,
+    meta_key::ALARM_PREFIX,
+    meta_key::AUTH_PREFIX,
+];
 /// Records per RocksDB batch while a snapshot stream is read.
 const INSTALL_BATCH_BYTES: usize = 16 << 20;
 
@@ -571,6 +575,7 @@ mod tests {
                         value: value.into(),
                         ..Default::default()
                     })),
+                    auth: None,
                 }],
             }))),
         }
@@ -586,6 +591,7 @@ mod tests {
             payload: EntryPayload::Normal(super::super::Request(Arc::new(RaftBatch {
                 requests: vec![InternalRaftRequest {
                     request: Some(request),
+                    auth: None,
                 }],
             }))),
         }

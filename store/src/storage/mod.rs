@@ -20,6 +20,30 @@ pub const CF_META: &str = "meta";
 const COLUMN_FAMILIES: [&str; 4] = [CF_RAFT_LOG, CF_RAFT_META, CF_KV, CF_META];
 
 /// Keys inside [`CF_RAFT_META`].
+/// Creates a directory only its owner may enter (0700), as etcd creates its data
+/// dir; an existing directory that others may read, write or enter is refused, since
+/// the data and keys in it are nobody else's business.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)?;
+    }
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "directory {:?} exists, but its permission is {mode:04o}; it must be 0700 to prevent unprivileged access to the data (chmod 700 it)",
+                path.display().to_string()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub mod raft_meta_key {
     /// The persisted vote.
     pub const VOTE: &[u8] = b"vote";
@@ -57,6 +81,11 @@ pub mod meta_key {
     /// Prefix of raised alarms: member ID (8 bytes big-endian) and alarm type (4
     /// bytes big-endian) follow; the value is empty.
     pub const ALARM_PREFIX: &[u8] = b"alarm/";
+
+    /// Prefix of the auth store's records: `enabled` (one byte), `revision` (8 bytes
+    /// big-endian), `user/<name>` (an encoded `authpb.User`, password hashed) and
+    /// `role/<name>` (an encoded `authpb.Role`).
+    pub const AUTH_PREFIX: &[u8] = b"auth/";
 
     /// The key of an alarm.
     pub fn alarm(member: u64, alarm: i32) -> Vec<u8> {

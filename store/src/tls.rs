@@ -1,0 +1,570 @@
+//! TLS with rustls, configured from etcd's flags: the server side of the client and
+//! peer listeners (certificates re-read when they change on disk), the client side of
+//! calls to peers, and self-signed certificates for `--auto-tls`/`--peer-auto-tls`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls::{ServerConfig, SignatureScheme, SupportedProtocolVersion};
+
+/// How often the certificate files of a listener are checked for changes.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// One side's certificate material, as etcd's `--cert-file`/`--peer-cert-file` flag
+/// families give it.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA bundle that client (or peer) certificates must chain to.
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require and verify a certificate from every connecting client.
+    pub client_cert_auth: bool,
+    /// Accept only client certificates with this CommonName.
+    pub allowed_cn: Option<String>,
+    /// The certificate is self-signed (`--auto-tls`): as etcd, a client of this side
+    /// does not verify the other side's certificate.
+    pub self_signed: bool,
+}
+
+/// `--cipher-suites`, `--tls-min-version` and `--tls-max-version`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// Go's names of the TLS 1.2 cipher suites to offer; empty offers rustls' set.
+    pub cipher_suites: Vec<String>,
+    /// "TLS1.2" or "TLS1.3"; empty means TLS1.2.
+    pub min_version: String,
+    /// "TLS1.2" or "TLS1.3"; empty means the newest.
+    pub max_version: String,
+}
+
+impl TlsOptions {
+    /// Whether the versions and suites are valid; the error names the flag.
+    pub fn check(&self) -> Result<(), String> {
+        self.provider()?;
+        self.versions()?;
+        Ok(())
+    }
+
+    fn provider(&self) -> Result<Arc<CryptoProvider>, String> {
+        let mut provider = rustls::crypto::ring::default_provider();
+        if !self.cipher_suites.is_empty() {
+            let mut chosen = Vec::new();
+            for name in &self.cipher_suites {
+                let wanted = name.trim().trim_end_matches("_SHA256").to_string();
+                let found = provider.cipher_suites.iter().find(|suite| {
+                    suite.version() == &rustls::version::TLS12
+                        && format!("{:?}", suite.suite()).trim_end_matches("_SHA256") == wanted
+                });
+                match found {
+                    Some(suite) => chosen.push(*suite),
+                    None => {
+                        return Err(format!(
+                            "--cipher-suites: unexpected TLS cipher suite {name:?}"
+                        ))
+                    }
+                }
+            }
+            // TLS 1.3's suites are not configurable, as in Go.
+            chosen.extend(
+                provider
+                    .cipher_suites
+                    .iter()
+                    .filter(|suite| suite.version() == &rustls::version::TLS13),
+            );
+            provider.cipher_suites = chosen;
+        }
+        Ok(Arc::new(provider))
+    }
+
+    fn versions(&self) -> Result<Vec<&'static SupportedProtocolVersion>, String> {
+        fn rank(flag: &str, text: &str, default: u8) -> Result<u8, String> {
+            match text {
+                "" => Ok(default),
+                "TLS1.2" => Ok(2),
+                "TLS1.3" => Ok(3),
+                "TLS1.0" | "TLS1.1" => Err(format!(
+                    "--{flag} {text}: only TLS1.2 and TLS1.3 are supported"
+                )),
+                _ => Err(format!(
+                    "--{flag}: unexpected TLS version {text:?} (use TLS1.2 or TLS1.3)"
+                )),
+            }
+        }
+        let min = rank("tls-min-version", &self.min_version, 2)?;
+        let max = rank("tls-max-version", &self.max_version, 3)?;
+        if min > max {
+            return Err("--tls-min-version is greater than --tls-max-version".into());
+        }
+        Ok([(2, &rustls::version::TLS12), (3, &rustls::version::TLS13)]
+            .into_iter()
+            .filter(|(rank, _)| (min..=max).contains(rank))
+            .map(|(_, version)| version)
+            .collect())
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// The certificates of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read(path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = read(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?
+        .ok_or_else(|| format!("{}: no private key found", path.display()))
+}
+
+fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: invalid CA certificate: {e}", path.display()))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Builds a server configuration from the files as they are now.
+fn server_config(files: &TlsFiles, options: &TlsOptions) -> Result<ServerConfig, String> {
+    let provider = options.provider()?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&options.versions()?)
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = if files.client_cert_auth {
+        let ca = files.trusted_ca_file.as_deref().ok_or_else(|| {
+            "client certificate authentication needs a trusted CA file (--trusted-ca-file or --peer-trusted-ca-file)".to_string()
+        })?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider)
+            .build()
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+        match &files.allowed_cn {
+            Some(cn) => builder.with_client_cert_verifier(Arc::new(AllowedCommonName {
+                inner: verifier,
+                common_name: cn.clone(),
+            })),
+            None => builder.with_client_cert_verifier(verifier),
+        }
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(load_certs(&files.cert_file)?, load_key(&files.key_file)?)
+        .map_err(|e| format!("{}: {e}", files.key_file.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The modification stamps of a listener's files, to notice rotation.
+fn stamps(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
+    [
+        Some(files.cert_file.as_path()),
+        Some(files.key_file.as_path()),
+        files.trusted_ca_file.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|path| {
+        std::fs::metadata(path)
+            .ok()
+            .and_then(|meta| Some((meta.modified().ok()?, meta.len())))
+    })
+    .collect()
+}
+
+struct Loaded {
+    stamps: Vec<Option<(SystemTime, u64)>>,
+    checked: Instant,
+    config: Arc<ServerConfig>,
+}
+
+/// A listener's TLS configuration, rebuilt when its certificate, key or CA file
+/// changes on disk (checked at most once a second, on new connections). A file that
+/// fails to load keeps the previous configuration in use.
+pub struct ServerTls {
+    files: TlsFiles,
+    options: TlsOptions,
+    loaded: Mutex<Loaded>,
+}
+
+impl ServerTls {
+    /// Loads the files once; an error names the file and what is wrong with it.
+    pub fn new(files: TlsFiles, options: TlsOptions) -> Result<Arc<ServerTls>, String> {
+        let stamps = stamps(&files);
+        let config = Arc::new(server_config(&files, &options)?);
+        Ok(Arc::new(ServerTls {
+            files,
+            options,
+            loaded: Mutex::new(Loaded {
+                stamps,
+                checked: Instant::now(),
+                config,
+            }),
+        }))
+    }
+
+    /// The configuration for a new connection.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        let mut loaded = self.loaded.lock();
+        if loaded.checked.elapsed() >= RELOAD_CHECK {
+            loaded.checked = Instant::now();
+            let now = stamps(&self.files);
+            if now != loaded.stamps {
+                match server_config(&self.files, &self.options) {
+                    Ok(config) => {
+                        tracing::info!(cert = %self.files.cert_file.display(), "TLS certificate files changed; reloaded");
+                        loaded.config = Arc::new(config);
+                        loaded.stamps = now;
+                    }
+                    // Half-written files are common during rotation: try again later.
+                    Err(error) => {
+                        tracing::warn!(%error, "TLS certificate files changed but cannot be loaded; keeping the previous ones")
+                    }
+                }
+            }
+        }
+        loaded.config.clone()
+    }
+}
+
+/// The client side for calls to peers: verifies the peer against the trusted CA (or
+/// not at all with self-signed certificates, as etcd's auto TLS) and presents this
+/// member's certificate.
+pub fn client_config(files: &TlsFiles, options: &TlsOptions) -> Result<ClientConfig, String> {
+    let provider = options.provider()?;
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&options.versions()?)
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match (&files.trusted_ca_file, files.self_signed) {
+        (Some(ca), false) => builder.with_root_certificates(load_roots(ca)?),
+        _ => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
+    };
+    let mut config = builder
+        .with_client_auth_cert(load_certs(&files.cert_file)?, load_key(&files.key_file)?)
+        .map_err(|e| format!("{}: {e}", files.key_file.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts any server certificate (signatures still checked): etcd's auto TLS peers
+/// skip verification, since nobody can vouch for a self-signed certificate.
+#[derive(Debug)]
+struct AnyServer {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// `--peer-cert-allowed-cn`: a verified client certificate must also carry this
+/// CommonName.
+#[derive(Debug)]
+struct AllowedCommonName {
+    inner: Arc<dyn ClientCertVerifier>,
+    common_name: String,
+}
+
+impl ClientCertVerifier for AllowedCommonName {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match common_name(end_entity) {
+            Some(name) if name == self.common_name => Ok(verified),
+            name => Err(rustls::Error::General(format!(
+                "CommonName authentication failed: {name:?} is not {:?}",
+                self.common_name
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Writes (once; later starts reuse them) a self-signed certificate and key for
+/// `hosts` into `dir`, valid for `validity_years`, as etcd's `--auto-tls` does under
+/// `<data-dir>/fixtures`.
+pub fn self_signed(
+    dir: &Path,
+    hosts: &[String],
+    validity_years: u32,
+) -> Result<(PathBuf, PathBuf), String> {
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    if cert_path.exists() && key_path.exists() {
+        return Ok((cert_path, key_path));
+    }
+    let failed =
+        |e: &dyn std::fmt::Display| format!("cannot generate a self-signed certificate: {e}");
+    let mut params = rcgen::CertificateParams::new(hosts.to_vec()).map_err(|e| failed(&e))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "kvstore");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(365 * i64::from(validity_years.max(1)));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
+    let cert = params.self_signed(&key).map_err(|e| failed(&e))?;
+    crate::storage::create_private_dir(dir).map_err(|e| failed(&e))?;
+    write_private(&key_path, key.serialize_pem().as_bytes()).map_err(|e| failed(&e))?;
+    std::fs::write(&cert_path, cert.pem()).map_err(|e| failed(&e))?;
+    tracing::info!(cert = %cert_path.display(), "generated a self-signed certificate");
+    Ok((cert_path, key_path))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+/// The subject CommonName of a DER certificate, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    /// Reads one DER element: (tag, contents, rest).
+    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, mut rest) = rest.split_first()?;
+        let length = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let count = usize::from(first & 0x7f);
+            if count == 0 || count > 4 || rest.len() < count {
+                return None;
+            }
+            let length = rest[..count]
+                .iter()
+                .fold(0usize, |acc, byte| (acc << 8) | usize::from(*byte));
+            rest = &rest[count..];
+            length
+        };
+        if rest.len() < length {
+            return None;
+        }
+        Some((tag, &rest[..length], &rest[length..]))
+    }
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+    let (tag, certificate, _) = element(der)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (tag, tbs, _) = element(certificate)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let mut fields = tbs;
+    // Optional [0] version, then serial, signature algorithm, issuer, validity.
+    let (tag, _, rest) = element(fields)?;
+    fields = if tag == 0xa0 { element(rest)?.2 } else { rest };
+    for _ in 0..3 {
+        fields = element(fields)?.2;
+    }
+    let (tag, mut subject, _) = element(fields)?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    while !subject.is_empty() {
+        let (tag, mut set, rest) = element(subject)?;
+        subject = rest;
+        if tag != SET {
+            return None;
+        }
+        while !set.is_empty() {
+            let (_, attribute, rest) = element(set)?;
+            set = rest;
+            let (tag, oid, value) = element(attribute)?;
+            if tag == 0x06 && oid == COMMON_NAME {
+                let (kind, text, _) = element(value)?;
+                // UTF8String, PrintableString, T61String, IA5String.
+                if matches!(kind, 0x0c | 0x13 | 0x14 | 0x16) {
+                    return String::from_utf8(text.to_vec()).ok();
+                }
+                return None;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(cn: Option<&str>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "org");
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn common_name_is_read_from_the_subject() {
+        assert_eq!(
+            common_name(&certificate(Some("alice"))).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(common_name(&certificate(None)), None);
+        assert_eq!(common_name(b""), None);
+        assert_eq!(common_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        let der = certificate(Some("bob"));
+        for cut in 0..der.len() {
+            // Truncated input never panics.
+            let _ = common_name(&der[..cut]);
+        }
+    }
+
+    #[test]
+    fn options_name_bad_values() {
+        let options = TlsOptions {
+            cipher_suites: vec!["TLS_RSA_WITH_RC4_128_SHA".into()],
+            ..TlsOptions::default()
+        };
+        assert!(options
+            .provider()
+            .unwrap_err()
+            .contains("TLS_RSA_WITH_RC4_128_SHA"));
+        let options = TlsOptions {
+            cipher_suites: vec![
+                "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into(),
+                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305".into(),
+            ],
+            ..TlsOptions::default()
+        };
+        assert_eq!(options.provider().unwrap().cipher_suites.len(), 2 + 3);
+        let options = TlsOptions {
+            min_version: "TLS1.3".into(),
+            max_version: "TLS1.2".into(),
+            ..TlsOptions::default()
+        };
+        assert!(options.versions().is_err());
+        let options = TlsOptions {
+            min_version: "TLS1.0".into(),
+            ..TlsOptions::default()
+        };
+        assert!(options
+            .versions()
+            .unwrap_err()
+            .contains("--tls-min-version"));
+    }
+}
