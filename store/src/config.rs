@@ -501,6 +501,8 @@ impl Config {
                 .iter()
                 .chain(&self.advertise_client_urls.0)
                 .map(|url| url.host.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
                 .collect::<Vec<_>>()
         };
         self.tls_files(
@@ -521,6 +523,8 @@ impl Config {
                 .iter()
                 .chain(&self.initial_advertise_peer_urls.0)
                 .map(|url| url.host.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
                 .collect::<Vec<_>>()
         };
         self.tls_files(

@@ -1,0 +1,626 @@
+//! TLS on the client and peer ports, driven by Debian's etcdctl: server TLS, mutual
+//! TLS, refused clients, certificate rotation without restart, automatic TLS, a
+//! three-member cluster over peer TLS that keeps out a peer from another CA, and a
+//! flood of connections that never start their handshake. Also the data dir's
+//! permissions.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, text, ETCDCTL};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+/// A CA that signs certificates for the tests.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::CrlSign,
+        ];
+        let key = KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA certificate");
+        Ca { cert, key }
+    }
+
+    /// Writes `<name>.pem` and `<name>-key.pem` for 127.0.0.1 and localhost with
+    /// CommonName `cn`; returns their paths.
+    fn issue(&self, dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .expect("params");
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("signed certificate");
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}-key.pem"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+
+    fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, self.cert.pem()).expect("write CA");
+        path
+    }
+}
+
+/// Certificates for one test: CA 1 (trusted), CA 2 (foreign), a server pair and
+/// client pairs from each.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    other_ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+    foreign_client: (PathBuf, PathBuf),
+    cas: (Ca, Ca),
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = Ca::new("kvstore test CA");
+        let second = Ca::new("some other CA");
+        Pki {
+            ca: first.write(dir.path(), "ca"),
+            other_ca: second.write(dir.path(), "other-ca"),
+            server: first.issue(dir.path(), "server", "server"),
+            client: first.issue(dir.path(), "client", "root"),
+            foreign_client: second.issue(dir.path(), "foreign", "root"),
+            cas: (first, second),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn arg(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// A kvstore process with arbitrary flags, stopped on drop.
+struct Kvstore {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Kvstore {
+    fn start(data_dir: &Path, args: &[String]) -> Kvstore {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("kvstore.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("log"))
+            .spawn()
+            .expect("spawn kvstore");
+        Kvstore {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+            + &std::fs::read_to_string(self._dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kib| kib * 1024)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Kvstore {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A single member on free ports: client URL `scheme`, plain peer URL.
+fn single_member_args(scheme: &str, client_port: u16, extra: &[String]) -> Vec<String> {
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let client = format!("{scheme}://127.0.0.1:{client_port}");
+    let mut args = vec![
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=default={peer}"),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+fn etcdctl(endpoint: &str, tls: &[String], args: &[&str]) -> String {
+    let output = Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg("--dial-timeout=2s")
+        .arg("--command-timeout=3s")
+        .args(tls)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run etcdctl");
+    text(&output)
+}
+
+fn client_tls(pki: &Pki, ca: &Path, pair: Option<&(PathBuf, PathBuf)>) -> Vec<String> {
+    let mut flags = vec![format!("--cacert={}", arg(ca))];
+    if let Some((cert, key)) = pair {
+        flags.push(format!("--cert={}", arg(cert)));
+        flags.push(format!("--key={}", arg(key)));
+    }
+    let _ = pki;
+    flags
+}
+
+fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+fn healthy(endpoint: &str, tls: &[String]) -> bool {
+    etcdctl(endpoint, tls, &["endpoint", "health"]).ends_with("exit=0")
+}
+
+#[test]
+fn server_tls_and_mutual_tls_with_etcdctl() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let server = Kvstore::start(
+        &data.path().join("d"),
+        &single_member_args(
+            "https",
+            port,
+            &[
+                format!("--cert-file={}", arg(&pki.server.0)),
+                format!("--key-file={}", arg(&pki.server.1)),
+            ],
+        ),
+    );
+    let trusted = client_tls(&pki, &pki.ca, None);
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(&endpoint, &trusted)),
+        "no TLS health; log:\n{}",
+        server.log_text()
+    );
+    assert_eq!(
+        etcdctl(&endpoint, &trusted, &["put", "k", "v"]),
+        "OK\nexit=0"
+    );
+    assert_eq!(
+        etcdctl(&endpoint, &trusted, &["get", "k", "--print-value-only"]),
+        "v\nexit=0"
+    );
+    // The health endpoint is served over TLS too.
+    assert!(etcdctl(&endpoint, &trusted, &["endpoint", "status"]).ends_with("exit=0"));
+    // A client that does not trust the CA, and a plain-text client, get nothing.
+    let out = etcdctl(
+        &endpoint,
+        &client_tls(&pki, &pki.other_ca, None),
+        &["get", "k"],
+    );
+    assert!(!out.ends_with("exit=0") && !out.contains("\nv\n"), "{out}");
+    let out = etcdctl(&format!("http://127.0.0.1:{port}"), &[], &["get", "k"]);
+    assert!(!out.ends_with("exit=0"), "{out}");
+    drop(server);
+
+    // Mutual TLS: a certificate from the trusted CA is required.
+    let port = free_port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let server = Kvstore::start(
+        &data.path().join("d"),
+        &single_member_args(
+            "https",
+            port,
+            &[
+                format!("--cert-file={}", arg(&pki.server.0)),
+                format!("--key-file={}", arg(&pki.server.1)),
+                format!("--trusted-ca-file={}", arg(&pki.ca)),
+                "--client-cert-auth".to_string(),
+            ],
+        ),
+    );
+    let with_cert = client_tls(&pki, &pki.ca, Some(&pki.client));
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(&endpoint, &with_cert)),
+        "no mutual TLS health; log:\n{}",
+        server.log_text()
+    );
+    assert_eq!(
+        etcdctl(&endpoint, &with_cert, &["get", "k", "--print-value-only"]),
+        "v\nexit=0"
+    );
+    let out = etcdctl(&endpoint, &trusted, &["get", "k"]);
+    assert!(!out.ends_with("exit=0"), "no client certificate: {out}");
+    let out = etcdctl(
+        &endpoint,
+        &client_tls(&pki, &pki.ca, Some(&pki.foreign_client)),
+        &["get", "k"],
+    );
+    assert!(
+        !out.ends_with("exit=0"),
+        "foreign client certificate: {out}"
+    );
+
+    // With auth enabled, the certificate's CommonName names the user.
+    for args in [
+        &["user", "add", "root:pw", "--interactive=false"][..],
+        &["user", "grant-role", "root", "root"],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl(&endpoint, &with_cert, args);
+        assert!(out.ends_with("exit=0"), "{args:?}: {out}");
+    }
+    assert_eq!(
+        etcdctl(&endpoint, &with_cert, &["get", "k", "--print-value-only"]),
+        "v\nexit=0",
+        "CN root acts as root"
+    );
+    assert!(etcdctl(&endpoint, &with_cert, &["user", "list"]).contains("root"));
+}
+
+#[test]
+fn certificates_rotate_without_restart() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let live_cert = pki.path("live.pem");
+    let live_key = pki.path("live-key.pem");
+    std::fs::copy(&pki.server.0, &live_cert).expect("copy");
+    std::fs::copy(&pki.server.1, &live_key).expect("copy");
+    let port = free_port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let server = Kvstore::start(
+        &data.path().join("d"),
+        &single_member_args(
+            "https",
+            port,
+            &[
+                format!("--cert-file={}", arg(&live_cert)),
+                format!("--key-file={}", arg(&live_key)),
+            ],
+        ),
+    );
+    let old_ca = client_tls(&pki, &pki.ca, None);
+    let new_ca = client_tls(&pki, &pki.other_ca, None);
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(&endpoint, &old_ca)),
+        "log:\n{}",
+        server.log_text()
+    );
+    assert!(!healthy(&endpoint, &new_ca));
+    let pid = server.child.id();
+
+    // The new pair, from the other CA, replaces the files in place.
+    let (cert, key) = pki.cas.1.issue(pki.dir.path(), "rotated", "server");
+    std::fs::copy(&key, &live_key).expect("rotate key");
+    std::fs::copy(&cert, &live_cert).expect("rotate cert");
+    assert!(
+        wait_until(Duration::from_secs(10), || healthy(&endpoint, &new_ca)),
+        "rotated certificate not served; log:\n{}",
+        server.log_text()
+    );
+    assert!(!healthy(&endpoint, &old_ca), "old certificate still served");
+    assert_eq!(server.child.id(), pid);
+    assert!(server.log_text().contains("reloaded"));
+}
+
+#[test]
+fn auto_tls_serves_a_generated_certificate() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let data_dir = data.path().join("d");
+    let port = free_port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let server = Kvstore::start(
+        &data_dir,
+        &single_member_args(
+            "https",
+            port,
+            &[
+                "--auto-tls".to_string(),
+                "--self-signed-cert-validity=2".to_string(),
+            ],
+        ),
+    );
+    // etcdctl 3.4 uses TLS without certificates only when told the transport is
+    // not insecure.
+    let insecure = vec![
+        "--insecure-transport=false".to_string(),
+        "--insecure-skip-tls-verify".to_string(),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(&endpoint, &insecure)),
+        "log:\n{}",
+        server.log_text()
+    );
+    assert_eq!(
+        etcdctl(&endpoint, &insecure, &["put", "a", "b"]),
+        "OK\nexit=0"
+    );
+    let fixtures = data_dir.join("fixtures/client");
+    assert!(fixtures.join("cert.pem").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(fixtures.join("key.pem"))
+        .expect("key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
+    // Nobody vouches for a self-signed certificate.
+    let pki = Pki::new();
+    assert!(!healthy(&endpoint, &client_tls(&pki, &pki.ca, None)));
+}
+
+/// Starts member `index` of a 3-member cluster with https peer URLs.
+fn tls_member(
+    index: usize,
+    ports: &[(u16, u16)],
+    data: &Path,
+    pki: &Pki,
+    pair: &(PathBuf, PathBuf),
+) -> Kvstore {
+    let cluster: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=https://127.0.0.1:{peer}"))
+        .collect();
+    let (client, peer) = ports[index];
+    Kvstore::start(
+        &data.join(format!("m{index}")),
+        &[
+            format!("--name=m{index}"),
+            format!("--listen-client-urls=http://127.0.0.1:{client}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+            format!("--listen-peer-urls=https://127.0.0.1:{peer}"),
+            format!("--initial-advertise-peer-urls=https://127.0.0.1:{peer}"),
+            format!("--initial-cluster={}", cluster.join(",")),
+            "--initial-cluster-token=tls-cluster".to_string(),
+            format!("--peer-cert-file={}", arg(&pair.0)),
+            format!("--peer-key-file={}", arg(&pair.1)),
+            format!("--peer-trusted-ca-file={}", arg(&pki.ca)),
+            "--peer-client-cert-auth".to_string(),
+        ],
+    )
+}
+
+#[test]
+fn three_members_over_peer_tls_keep_out_a_foreign_peer() {
+    let _one = common::one_at_a_time();
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let endpoint = |i: usize| format!("127.0.0.1:{}", ports[i].0);
+    let members: Vec<Kvstore> = (0..3)
+        .map(|i| tls_member(i, &ports, data.path(), &pki, &pki.server))
+        .collect();
+    for (i, member) in members.iter().enumerate() {
+        assert!(
+            wait_until(Duration::from_secs(30), || healthy(&endpoint(i), &[])),
+            "m{i} not healthy; log:\n{}",
+            member.log_text()
+        );
+    }
+    assert_eq!(
+        etcdctl(&endpoint(0), &[], &["put", "k", "over-tls"]),
+        "OK\nexit=0"
+    );
+    assert_eq!(
+        etcdctl(&endpoint(2), &[], &["get", "k", "--print-value-only"]),
+        "over-tls\nexit=0"
+    );
+    let list = etcdctl(&endpoint(1), &[], &["member", "list"]);
+    assert_eq!(list.matches("https://127.0.0.1:").count(), 3, "{list}");
+    drop(members);
+
+    // A member whose certificate comes from another CA is refused by the others;
+    // the two that trust each other form the cluster without it.
+    let data = tempfile::tempdir().expect("temp dir");
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let endpoint = |i: usize| format!("127.0.0.1:{}", ports[i].0);
+    let good: Vec<Kvstore> = (0..2)
+        .map(|i| tls_member(i, &ports, data.path(), &pki, &pki.server))
+        .collect();
+    let foreign = tls_member(2, &ports, data.path(), &pki, &pki.foreign_client);
+    for (i, member) in good.iter().enumerate() {
+        assert!(
+            wait_until(Duration::from_secs(30), || healthy(&endpoint(i), &[])),
+            "m{i} not healthy; log:\n{}",
+            member.log_text()
+        );
+    }
+    assert_eq!(
+        etcdctl(&endpoint(0), &[], &["put", "k", "two"]),
+        "OK\nexit=0"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let out = etcdctl(&endpoint(2), &[], &["get", "k", "--consistency=s"]);
+    assert!(
+        !out.contains("two"),
+        "the foreign member got data: {out}\n{}",
+        foreign.log_text()
+    );
+    assert!(!healthy(&endpoint(2), &[]), "the foreign member joined");
+}
+
+#[test]
+fn stalled_handshakes_do_not_exhaust_the_server() {
+    // This process holds the stalled connections: allow it the descriptors.
+    raise_open_files();
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let server = Kvstore::start(
+        &data.path().join("d"),
+        &single_member_args(
+            "https",
+            port,
+            &[
+                format!("--cert-file={}", arg(&pki.server.0)),
+                format!("--key-file={}", arg(&pki.server.1)),
+                "--tls-handshake-timeout=3s".to_string(),
+            ],
+        ),
+    );
+    let trusted = client_tls(&pki, &pki.ca, None);
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(&endpoint, &trusted)),
+        "log:\n{}",
+        server.log_text()
+    );
+    let before = server.rss_bytes();
+    // Connections that never send a ClientHello, and some that stop half way.
+    let mut stalled = Vec::new();
+    for i in 0..1500 {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        if i % 3 == 0 {
+            use std::io::Write;
+            // A TLS record header announcing a handshake that never arrives.
+            let _ = stream.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+        }
+        stalled.push(stream);
+    }
+    // Others are still served meanwhile.
+    let started = Instant::now();
+    assert_eq!(
+        etcdctl(&endpoint, &trusted, &["put", "busy", "yes"]),
+        "OK\nexit=0"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let during = server.rss_bytes();
+    assert!(
+        during < before + (64 << 20),
+        "RSS grew from {before} to {during} bytes for 1500 stalled handshakes"
+    );
+    // The server drops them once the handshake timeout passes.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut closed = 0;
+    for stream in &mut stalled {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let mut buffer = [0u8; 16];
+        if matches!(stream.read(&mut buffer), Ok(0) | Err(_))
+            && stream.read(&mut buffer).map(|n| n == 0).unwrap_or(true)
+        {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 1490,
+        "only {closed} of 1500 stalled connections closed"
+    );
+    assert!(healthy(&endpoint, &trusted));
+}
+
+fn raise_open_files() {
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max.min(65536);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[test]
+fn data_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A new data dir is created 0700.
+    let fresh = dir.path().join("fresh");
+    let port = free_port();
+    let server = Kvstore::start(&fresh, &single_member_args("http", port, &[]));
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(
+            &format!("127.0.0.1:{port}"),
+            &[]
+        )),
+        "log:\n{}",
+        server.log_text()
+    );
+    let mode = std::fs::metadata(&fresh)
+        .expect("data dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    drop(server);
+    // One others may read is refused, with the reason.
+    let loose = dir.path().join("loose");
+    std::fs::create_dir(&loose).expect("mkdir");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let output = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .arg(format!("--data-dir={}", loose.display()))
+        .args(single_member_args("http", free_port(), &[]))
+        .output()
+        .expect("run kvstore");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("0755") && stderr.contains("0700"),
+        "{stderr}"
+    );
+}
