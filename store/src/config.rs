@@ -448,6 +448,7 @@ impl Config {
             return Err("--peer-client-cert-auth needs --peer-trusted-ca-file".into());
         }
         self.tls_options().check()?;
+        crate::token::TokenProvider::from_flag(&self.auth_token)?;
         let cluster = self.initial_cluster_members()?;
         let own: Vec<String> = cluster
             .iter()

@@ -23,6 +23,7 @@ pub mod server;
 pub mod srv;
 pub mod storage;
 pub mod tls;
+pub mod token;
 pub mod transfer;
 
 /// The etcd API version kvstore speaks; reported by Status and `--version`.

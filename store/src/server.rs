@@ -187,6 +187,8 @@ pub struct EtcdServer {
     name: String,
     client_urls: Vec<String>,
     limits: Limits,
+    /// How auth tokens are made and checked (`--auth-token`).
+    tokens: crate::token::TokenProvider,
     ids: IdGenerator,
     peers: Arc<Peers>,
     transfer: Arc<TransferGate>,
@@ -710,7 +712,11 @@ impl EtcdServer {
 
         let transfer = TransferGate::new();
         let (reads, waiting_reads) = tokio::sync::mpsc::unbounded_channel();
+        let tokens =
+            crate::token::TokenProvider::from_flag(&config.auth_token).map_err(Error::Bootstrap)?;
+        mvcc.set_token_ttl(Duration::from_secs(config.auth_token_ttl));
         let server = Arc::new(EtcdServer {
+            tokens,
             reads,
             proposer: {
                 let _inside = raft_runtime.enter();
@@ -912,9 +918,18 @@ impl EtcdServer {
             return Ok(AuthInfo::default());
         }
         let username = match (token, common_name) {
-            (Some(token), _) => auth
-                .token_user(token, self.mvcc.token_ttl())
-                .ok_or(EtcdError::InvalidAuthToken)?,
+            (Some(token), _) => match &self.tokens {
+                crate::token::TokenProvider::Simple => auth
+                    .token_user(token, self.mvcc.token_ttl())
+                    .ok_or(EtcdError::InvalidAuthToken)?,
+                // A signed token carries the revision it was issued at: a token
+                // older than the last auth change fails in apply.
+                crate::token::TokenProvider::Jwt(jwt) => {
+                    let (username, revision) =
+                        jwt.verify(token).ok_or(EtcdError::InvalidAuthToken)?;
+                    return Ok(AuthInfo { username, revision });
+                }
+            },
             (None, Some(name)) if self.limits.client_cert_auth => name.to_string(),
             (None, _) => return Ok(AuthInfo::default()),
         };
@@ -959,6 +974,9 @@ impl EtcdServer {
             if !matches {
                 tracing::info!(user = name, "authentication failed: invalid password");
                 return Err(EtcdError::AuthFailed.into());
+            }
+            if let crate::token::TokenProvider::Jwt(jwt) = &self.tokens {
+                return jwt.sign(name, revision).map_err(Error::Raft);
             }
             let token = crate::auth::new_simple_token();
             let request =

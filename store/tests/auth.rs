@@ -489,3 +489,61 @@ fn passwords_are_never_stored_or_logged_in_clear() {
     let log = kvstore.log_text();
     assert!(!log.contains(password) && !log.contains("An0therSecret"));
 }
+
+/// Writes an ES256 key pair and returns the `--auth-token` flag that uses it.
+fn jwt_flag(dir: &std::path::Path) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let private = dir.join("jwt.key");
+    let public = dir.join("jwt.pub");
+    std::fs::write(&private, key.serialize_pem()).expect("write key");
+    std::fs::write(&public, key.public_key_pem()).expect("write key");
+    format!(
+        "--auth-token=jwt,pub-key={},priv-key={},sign-method=ES256,ttl=5m",
+        public.display(),
+        private.display()
+    )
+}
+
+/// JWT tokens: the same grants and denials as etcd with the same flag; a token
+/// carries its auth revision, so one issued before an auth change is refused.
+#[test]
+fn jwt_tokens_behave_as_etcds() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let flag = jwt_flag(keys.path());
+    let etcd = Server::start_with(Kind::Etcd, &[&flag]);
+    let kvstore = Server::start_with(Kind::Kvstore, &[&flag]);
+    let mut steps = setup_steps();
+    steps.extend([
+        step(&[ALICE, "get", "foo"]),
+        step(&[ALICE, "get", "secret"]),
+        step(&[ALICE, "put", "pub/j", "1"]),
+        step(&["--user=alice:wrong", "get", "foo"]),
+    ]);
+    let expected = transcript(&etcd, &steps);
+    let actual = transcript(&kvstore, &steps);
+    assert_eq!(expected, actual);
+
+    let token = authenticate(&kvstore, "alice", "alicepw");
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
+    let get = |token: &str| {
+        let output = Command::new("curl")
+            .args(["-s", "-H", &format!("Authorization: {token}"), "-d"])
+            .arg(r#"{"key":"Zm9v"}"#)
+            .arg(format!("http://{}/v3/kv/range", kvstore.endpoint()))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(get(&token).contains("\"count\":\"1\""), "{}", get(&token));
+    assert!(get("x.y.z").contains("etcdserver: invalid auth token"));
+    // Any auth change makes earlier tokens stale.
+    let out = text(&kvstore.etcdctl(&[ROOT, "role", "add", "another"]));
+    assert!(out.ends_with("exit=0"), "{out}");
+    assert!(
+        get(&token).contains("etcdserver: revision of auth store is old"),
+        "{}",
+        get(&token)
+    );
+    let fresh = authenticate(&kvstore, "alice", "alicepw");
+    assert!(get(&fresh).contains("\"count\":\"1\""));
+}

@@ -216,4 +216,13 @@ fn bad_http_input_gets_a_4xx_with_a_message() {
     }
     // The server is still there.
     assert!(server.etcdctl(&["put", "k", "v"]).status.success());
+
+    // Bodies follow --max-request-bytes, as gRPC messages do.
+    let small = Server::start_with(Kind::Kvstore, &["--max-request-bytes=1024"]);
+    let big = format!(
+        r#"{{"key": "Zm9v", "value": "{}"}}"#,
+        "QUFB".repeat(300_000)
+    );
+    let (got, response) = http_post(small.client_port, "/v3/kv/put", big.as_bytes()).unwrap();
+    assert_eq!(got, 413, "{response}");
 }

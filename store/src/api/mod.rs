@@ -33,10 +33,14 @@ pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// All client services of a member, ready to serve: gRPC, and HTTP/1.1 or HTTP/2
 /// for the metrics, health and version endpoints on the same port.
 pub fn routes(server: Arc<EtcdServer>) -> tonic::service::Routes {
+    // JSON bodies are base64 and field names on top of the request itself.
+    let max_body = (server.limits().max_request_bytes + GRPC_OVERHEAD_BYTES) * 4 / 3;
     let router = grpc_routes(server.clone())
         .into_axum_router()
         .merge(http::router(server.clone()))
-        .merge(gateway::router(server.clone()))
+        .merge(
+            gateway::router(server.clone()).layer(axum::extract::DefaultBodyLimit::max(max_body)),
+        )
         .layer(axum::middleware::from_fn_with_state(server, with_caller))
         .layer(axum::middleware::from_fn(http::grpc_metrics));
     tonic::service::Routes::from(router)
