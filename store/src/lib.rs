@@ -10,6 +10,8 @@ pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod ids;
 pub mod listener;
 pub mod membership;

@@ -259,8 +259,17 @@ fn read_frame(reader: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
     if u32::from_be_bytes(length) == END_OF_RECORDS {
         return Ok(None);
     }
-    let mut bytes = vec![0u8; u32::from_be_bytes(length) as usize];
-    reader.read_exact(&mut bytes)?;
+    // The buffer grows with the bytes that actually arrive: a corrupt or hostile
+    // length must not allocate gigabytes up front (found by fuzzing).
+    let length = u64::from(u32::from_be_bytes(length));
+    let mut bytes = Vec::new();
+    reader.take(length).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 != length {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "snapshot stream ends inside a record",
+        ));
+    }
     Ok(Some(bytes))
 }
 
@@ -555,6 +564,20 @@ mod tests {
             let mvcc = Mvcc::open(storage.clone()).expect("open mvcc");
             let state_machine = StateMachine::open(mvcc, dir.path().join("snap"))?;
             Ok((dir, LogStore::open(storage), state_machine))
+        }
+    }
+
+    /// Found by the snapshot_stream fuzz target: a record length of 3.7 GB in a
+    /// 20-byte stream allocated it all before reading.
+    #[test]
+    fn a_huge_record_length_is_an_error_not_an_allocation() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::open(&dir.path().join("member")).expect("open storage");
+        let mut stream = SNAPSHOT_MAGIC.to_vec();
+        stream.extend([0xdf; 12]);
+        match load_stream(&mut std::io::Cursor::new(stream), &storage) {
+            Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof),
+            Ok(_) => panic!("a truncated stream loaded"),
         }
     }
 
