@@ -28,14 +28,16 @@ pub fn apply(
     writer: &mut Writer<'_>,
     request: &InternalRaftRequest,
 ) -> Result<InternalRaftResponse, mvcc::Error> {
-    if writer.alarmed(AlarmType::Nospace as i32) && grows(request) {
-        return Ok(InternalRaftResponse {
-            response: Some(Response::Error(EtcdError::NoSpace.number())),
-        });
-    }
+    // As etcd's applier chain: permissions first, then the space quota; both
+    // hold while an alarm is raised.
     if let Err(error) = check_permission(writer, request) {
         return Ok(InternalRaftResponse {
             response: Some(Response::Error(error.number())),
+        });
+    }
+    if writer.alarmed(AlarmType::Nospace as i32) && grows(request) {
+        return Ok(InternalRaftResponse {
+            response: Some(Response::Error(EtcdError::NoSpace.number())),
         });
     }
     let result = match &request.request {

@@ -547,3 +547,33 @@ fn jwt_tokens_behave_as_etcds() {
     let fresh = authenticate(&kvstore, "alice", "alicepw");
     assert!(get(&fresh).contains("\"count\":\"1\""));
 }
+
+/// A simple token lapses after --auth-token-ttl seconds without use.
+#[test]
+fn simple_tokens_lapse_when_unused() {
+    let kvstore = Server::start_with(Kind::Kvstore, &["--auth-token-ttl=1"]);
+    for step in setup_steps() {
+        run_step(&kvstore, &step);
+    }
+    let token = authenticate(&kvstore, "alice", "alicepw");
+    let range = |token: &str| {
+        let output = Command::new("curl")
+            .args(["-s", "-H", &format!("Authorization: {token}"), "-d"])
+            .arg(r#"{"key":"Zm9v"}"#)
+            .arg(format!("http://{}/v3/kv/range", kvstore.endpoint()))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(
+        range(&token).contains("\"count\":\"1\""),
+        "{}",
+        range(&token)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(
+        range(&token).contains("etcdserver: invalid auth token"),
+        "{}",
+        range(&token)
+    );
+}

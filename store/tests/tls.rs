@@ -252,8 +252,17 @@ fn server_tls_and_mutual_tls_with_etcdctl() {
         etcdctl(&endpoint, &trusted, &["get", "k", "--print-value-only"]),
         "v\nexit=0"
     );
-    // The health endpoint is served over TLS too.
+    // The HTTP endpoints are served over TLS too.
     assert!(etcdctl(&endpoint, &trusted, &["endpoint", "status"]).ends_with("exit=0"));
+    let health = Command::new("curl")
+        .args(["-s", "--cacert", &arg(&pki.ca)])
+        .arg(format!("{endpoint}/health"))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&health.stdout),
+        r#"{"health":"true"}"#
+    );
     // A client that does not trust the CA, and a plain-text client, get nothing.
     let out = etcdctl(
         &endpoint,
@@ -418,6 +427,20 @@ fn tls_member(
     pki: &Pki,
     pair: &(PathBuf, PathBuf),
 ) -> Kvstore {
+    tls_member_with(
+        index,
+        ports,
+        data,
+        &[
+            format!("--peer-cert-file={}", arg(&pair.0)),
+            format!("--peer-key-file={}", arg(&pair.1)),
+            format!("--peer-trusted-ca-file={}", arg(&pki.ca)),
+            "--peer-client-cert-auth".to_string(),
+        ],
+    )
+}
+
+fn tls_member_with(index: usize, ports: &[(u16, u16)], data: &Path, tls: &[String]) -> Kvstore {
     let cluster: Vec<String> = ports
         .iter()
         .enumerate()
@@ -434,11 +457,10 @@ fn tls_member(
             format!("--initial-advertise-peer-urls=https://127.0.0.1:{peer}"),
             format!("--initial-cluster={}", cluster.join(",")),
             "--initial-cluster-token=tls-cluster".to_string(),
-            format!("--peer-cert-file={}", arg(&pair.0)),
-            format!("--peer-key-file={}", arg(&pair.1)),
-            format!("--peer-trusted-ca-file={}", arg(&pki.ca)),
-            "--peer-client-cert-auth".to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(tls.iter().cloned())
+        .collect::<Vec<_>>(),
     )
 }
 
@@ -499,6 +521,8 @@ fn three_members_over_peer_tls_keep_out_a_foreign_peer() {
         foreign.log_text()
     );
     assert!(!healthy(&endpoint(2), &[]), "the foreign member joined");
+    let list = etcdctl(&endpoint(0), &[], &["member", "list"]);
+    assert!(list.contains("unstarted"), "{list}");
 }
 
 #[test]
@@ -622,5 +646,115 @@ fn data_dir_is_private() {
     assert!(
         stderr.contains("0755") && stderr.contains("0700"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn peer_auto_tls_and_allowed_common_name() {
+    let _one = common::one_at_a_time();
+    // Three members over self-signed peer certificates.
+    let data = tempfile::tempdir().expect("temp dir");
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let endpoint = |ports: &[(u16, u16)], i: usize| format!("127.0.0.1:{}", ports[i].0);
+    let members: Vec<Kvstore> = (0..3)
+        .map(|i| tls_member_with(i, &ports, data.path(), &["--peer-auto-tls".to_string()]))
+        .collect();
+    for (i, member) in members.iter().enumerate() {
+        assert!(
+            wait_until(Duration::from_secs(30), || healthy(
+                &endpoint(&ports, i),
+                &[]
+            )),
+            "m{i} not healthy; log:\n{}",
+            member.log_text()
+        );
+    }
+    assert_eq!(
+        etcdctl(&endpoint(&ports, 0), &[], &["put", "k", "auto"]),
+        "OK\nexit=0"
+    );
+    assert_eq!(
+        etcdctl(
+            &endpoint(&ports, 2),
+            &[],
+            &["get", "k", "--print-value-only"]
+        ),
+        "auto\nexit=0"
+    );
+    assert!(data.path().join("m1/fixtures/peer/cert.pem").exists());
+    drop(members);
+
+    // --peer-cert-allowed-cn: a peer certificate from the trusted CA but with another
+    // CommonName is refused.
+    let pki = Pki::new();
+    let member_pair = pki.cas.0.issue(pki.dir.path(), "member", "member");
+    let intruder_pair = pki.cas.0.issue(pki.dir.path(), "intruder", "intruder");
+    let flags = |pair: &(PathBuf, PathBuf)| {
+        vec![
+            format!("--peer-cert-file={}", arg(&pair.0)),
+            format!("--peer-key-file={}", arg(&pair.1)),
+            format!("--peer-trusted-ca-file={}", arg(&pki.ca)),
+            "--peer-client-cert-auth".to_string(),
+            "--peer-cert-allowed-cn=member".to_string(),
+        ]
+    };
+    let data = tempfile::tempdir().expect("temp dir");
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let good: Vec<Kvstore> = (0..2)
+        .map(|i| tls_member_with(i, &ports, data.path(), &flags(&member_pair)))
+        .collect();
+    let intruder = tls_member_with(2, &ports, data.path(), &flags(&intruder_pair));
+    for (i, member) in good.iter().enumerate() {
+        assert!(
+            wait_until(Duration::from_secs(30), || healthy(
+                &endpoint(&ports, i),
+                &[]
+            )),
+            "m{i} not healthy; log:\n{}",
+            member.log_text()
+        );
+    }
+    assert_eq!(
+        etcdctl(&endpoint(&ports, 0), &[], &["put", "k", "cn"]),
+        "OK\nexit=0"
+    );
+    // The intruder's calls are refused: it never gets its name published through
+    // the leader, so the others list it as unstarted, and it serves no client.
+    std::thread::sleep(Duration::from_secs(3));
+    let list = etcdctl(&endpoint(&ports, 0), &[], &["member", "list"]);
+    assert!(list.contains("unstarted"), "{list}");
+    assert!(
+        !healthy(&endpoint(&ports, 2), &[]),
+        "the intruder serves clients; log:\n{}",
+        intruder.log_text()
+    );
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_their_turn() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let server = Kvstore::start(
+        &data.path().join("d"),
+        &single_member_args("http", port, &["--max-connections=20".to_string()]),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(&endpoint, &[])),
+        "log:\n{}",
+        server.log_text()
+    );
+    // Wait until etcdctl's own connection is gone before taking every slot.
+    std::thread::sleep(Duration::from_millis(500));
+    let held: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = etcdctl(&endpoint, &[], &["get", "k"]);
+    assert!(!out.ends_with("exit=0"), "served beyond the limit: {out}");
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(10), || healthy(&endpoint, &[])),
+        "not served after the slots were freed"
     );
 }
