@@ -577,3 +577,27 @@ fn simple_tokens_lapse_when_unused() {
         range(&token)
     );
 }
+
+/// AuthStatus (etcdctl 3.4 has no command for it): over the gateway.
+#[test]
+fn auth_status_reports_the_flag_and_revision() {
+    let kvstore = Server::start(Kind::Kvstore);
+    let status = || {
+        let (code, body) =
+            common::http_post(kvstore.client_port, "/v3/auth/status", b"{}").expect("status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")
+    };
+    let before = status();
+    assert!(before.get("enabled").is_none_or(|v| v == false), "{before}");
+    for step in setup_steps() {
+        run_step(&kvstore, &step);
+    }
+    let after = status();
+    assert_eq!(after["enabled"], true, "{after}");
+    let revision: u64 = after["authRevision"]
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .expect("authRevision");
+    assert!(revision >= 5, "{after}");
+}

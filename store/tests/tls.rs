@@ -758,3 +758,70 @@ fn connections_beyond_the_limit_wait_their_turn() {
         "not served after the slots were freed"
     );
 }
+
+fn curl_health(endpoint: &str, ca: &Path, options: &[&str]) -> bool {
+    let output = Command::new("curl")
+        .args(["-s", "--max-time", "5", "--cacert", &arg(ca)])
+        .args(options)
+        .arg(format!("{endpoint}/health"))
+        .output()
+        .expect("curl");
+    output.status.success() && String::from_utf8_lossy(&output.stdout).contains("true")
+}
+
+#[test]
+fn tls_versions_and_cipher_suites_follow_the_flags() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let start = |extra: &[&str]| {
+        let port = free_port();
+        let mut flags = vec![
+            format!("--cert-file={}", arg(&pki.server.0)),
+            format!("--key-file={}", arg(&pki.server.1)),
+        ];
+        flags.extend(extra.iter().map(|flag| flag.to_string()));
+        let server = Kvstore::start(
+            &data.path().join(format!("d{port}")),
+            &single_member_args("https", port, &flags),
+        );
+        let endpoint = format!("https://127.0.0.1:{port}");
+        let trusted = client_tls(&pki, &pki.ca, None);
+        assert!(
+            wait_until(Duration::from_secs(20), || healthy(&endpoint, &trusted)),
+            "log:\n{}",
+            server.log_text()
+        );
+        (server, endpoint)
+    };
+    // TLS 1.3 only: a TLS 1.2 client is refused.
+    let (_server, endpoint) = start(&["--tls-min-version=TLS1.3"]);
+    assert!(curl_health(&endpoint, &pki.ca, &[]));
+    assert!(!curl_health(&endpoint, &pki.ca, &["--tls-max", "1.2"]));
+    // TLS 1.2 with one cipher suite: a client offering only another is refused.
+    let (_server, endpoint) = start(&[
+        "--tls-max-version=TLS1.2",
+        "--cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    ]);
+    assert!(curl_health(
+        &endpoint,
+        &pki.ca,
+        &["--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256"]
+    ));
+    assert!(!curl_health(
+        &endpoint,
+        &pki.ca,
+        &["--ciphers", "ECDHE-ECDSA-AES256-GCM-SHA384"]
+    ));
+    // A suite rustls does not have is named in the error.
+    let output = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        .arg(format!("--data-dir={}", data.path().join("bad").display()))
+        .arg("--cipher-suites=TLS_RSA_WITH_RC4_128_SHA")
+        .output()
+        .expect("run kvstore");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--cipher-suites") && stderr.contains("TLS_RSA_WITH_RC4_128_SHA"),
+        "{stderr}"
+    );
+}
