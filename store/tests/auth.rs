@@ -601,3 +601,57 @@ fn auth_status_reports_the_flag_and_revision() {
         .expect("authRevision");
     assert!(revision >= 5, "{after}");
 }
+
+/// Permissions hold while an alarm is raised: the NOSPACE alarm refuses growth to
+/// everyone, and what is refused for lack of permission stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissions_hold_while_an_alarm_is_raised() {
+    use kvstore::pb::etcdserverpb::alarm_request::AlarmAction;
+    use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+    use kvstore::pb::etcdserverpb::{AlarmRequest, AlarmType};
+    let kvstore = Server::start(Kind::Kvstore);
+    for step in setup_steps() {
+        run_step(&kvstore, &step);
+    }
+    let token: tonic::metadata::MetadataValue<_> = authenticate(&kvstore, "root", "rootpw")
+        .parse()
+        .expect("token header");
+    let mut maintenance = MaintenanceClient::with_interceptor(
+        kvstore.channel().await,
+        move |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("token", token.clone());
+            Ok(request)
+        },
+    );
+    maintenance
+        .alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: 0,
+            alarm: AlarmType::Nospace as i32,
+        })
+        .await
+        .expect("root raises NOSPACE");
+    let out = text(&kvstore.etcdctl(&[ALICE, "put", "pub/x", "1"]));
+    assert!(
+        out.contains("etcdserver: mvcc: database space exceeded"),
+        "{out}"
+    );
+    for args in [
+        &[ALICE, "put", "secret", "x"][..],
+        &[ALICE, "del", "secret"],
+        &[ALICE, "alarm", "disarm"],
+    ] {
+        let out = text(&kvstore.etcdctl(args));
+        assert!(out.contains("permission denied"), "{args:?}: {out}");
+    }
+    assert_eq!(
+        text(&kvstore.etcdctl(&[ROOT, "get", "secret", "--print-value-only"])),
+        "s\nexit=0"
+    );
+    let out = text(&kvstore.etcdctl(&[ROOT, "alarm", "disarm"]));
+    assert!(out.contains("NOSPACE"), "{out}");
+    assert_eq!(
+        text(&kvstore.etcdctl(&[ALICE, "put", "pub/x", "1"])),
+        "OK\nexit=0"
+    );
+}
