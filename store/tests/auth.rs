@@ -289,6 +289,17 @@ fn authenticate(server: &Server, user: &str, password: &str) -> String {
     json["token"].as_str().expect("token").to_string()
 }
 
+/// The gateway's answer to a Range of "foo" with `token` in `Authorization`.
+fn gateway_get_foo(server: &Server, token: &str) -> String {
+    let output = Command::new("curl")
+        .args(["-s", "-H", &format!("Authorization: {token}"), "-d"])
+        .arg(r#"{"key":"Zm9v"}"#)
+        .arg(format!("http://{}/v3/kv/range", server.endpoint()))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Attacks that read or wrote outside a grant in etcd before: each must be refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attacks_outside_a_grant_are_refused() {
@@ -525,15 +536,7 @@ fn jwt_tokens_behave_as_etcds() {
 
     let token = authenticate(&kvstore, "alice", "alicepw");
     assert_eq!(token.split('.').count(), 3, "not a JWT: {token}");
-    let get = |token: &str| {
-        let output = Command::new("curl")
-            .args(["-s", "-H", &format!("Authorization: {token}"), "-d"])
-            .arg(r#"{"key":"Zm9v"}"#)
-            .arg(format!("http://{}/v3/kv/range", kvstore.endpoint()))
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let get = |token: &str| gateway_get_foo(&kvstore, token);
     assert!(get(&token).contains("\"count\":\"1\""), "{}", get(&token));
     assert!(get("x.y.z").contains("etcdserver: invalid auth token"));
     // Any auth change makes earlier tokens stale.
@@ -556,15 +559,7 @@ fn simple_tokens_lapse_when_unused() {
         run_step(&kvstore, &step);
     }
     let token = authenticate(&kvstore, "alice", "alicepw");
-    let range = |token: &str| {
-        let output = Command::new("curl")
-            .args(["-s", "-H", &format!("Authorization: {token}"), "-d"])
-            .arg(r#"{"key":"Zm9v"}"#)
-            .arg(format!("http://{}/v3/kv/range", kvstore.endpoint()))
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let range = |token: &str| gateway_get_foo(&kvstore, token);
     assert!(
         range(&token).contains("\"count\":\"1\""),
         "{}",

@@ -221,29 +221,36 @@ fn healthy(endpoint: &str, tls: &[String]) -> bool {
     etcdctl(endpoint, tls, &["endpoint", "health"]).ends_with("exit=0")
 }
 
+/// Starts one member serving clients over https with the server pair and `extra`
+/// flags, and waits until etcdctl with `probe` finds it healthy.
+fn start_https(
+    pki: &Pki,
+    data_dir: &Path,
+    extra: &[String],
+    probe: &[String],
+) -> (Kvstore, String) {
+    let port = free_port();
+    let mut flags = vec![
+        format!("--cert-file={}", arg(&pki.server.0)),
+        format!("--key-file={}", arg(&pki.server.1)),
+    ];
+    flags.extend_from_slice(extra);
+    let server = Kvstore::start(data_dir, &single_member_args("https", port, &flags));
+    let endpoint = format!("https://127.0.0.1:{port}");
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy(&endpoint, probe)),
+        "not healthy over TLS; log:\n{}",
+        server.log_text()
+    );
+    (server, endpoint)
+}
+
 #[test]
 fn server_tls_and_mutual_tls_with_etcdctl() {
     let pki = Pki::new();
     let data = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let endpoint = format!("https://127.0.0.1:{port}");
-    let server = Kvstore::start(
-        &data.path().join("d"),
-        &single_member_args(
-            "https",
-            port,
-            &[
-                format!("--cert-file={}", arg(&pki.server.0)),
-                format!("--key-file={}", arg(&pki.server.1)),
-            ],
-        ),
-    );
     let trusted = client_tls(&pki, &pki.ca, None);
-    assert!(
-        wait_until(Duration::from_secs(20), || healthy(&endpoint, &trusted)),
-        "no TLS health; log:\n{}",
-        server.log_text()
-    );
+    let (server, endpoint) = start_https(&pki, &data.path().join("d"), &[], &trusted);
     assert_eq!(
         etcdctl(&endpoint, &trusted, &["put", "k", "v"]),
         "OK\nexit=0"
@@ -270,31 +277,21 @@ fn server_tls_and_mutual_tls_with_etcdctl() {
         &["get", "k"],
     );
     assert!(!out.ends_with("exit=0") && !out.contains("\nv\n"), "{out}");
-    let out = etcdctl(&format!("http://127.0.0.1:{port}"), &[], &["get", "k"]);
+    let plain = endpoint.replacen("https://", "http://", 1);
+    let out = etcdctl(&plain, &[], &["get", "k"]);
     assert!(!out.ends_with("exit=0"), "{out}");
     drop(server);
 
     // Mutual TLS: a certificate from the trusted CA is required.
-    let port = free_port();
-    let endpoint = format!("https://127.0.0.1:{port}");
-    let server = Kvstore::start(
-        &data.path().join("d"),
-        &single_member_args(
-            "https",
-            port,
-            &[
-                format!("--cert-file={}", arg(&pki.server.0)),
-                format!("--key-file={}", arg(&pki.server.1)),
-                format!("--trusted-ca-file={}", arg(&pki.ca)),
-                "--client-cert-auth".to_string(),
-            ],
-        ),
-    );
     let with_cert = client_tls(&pki, &pki.ca, Some(&pki.client));
-    assert!(
-        wait_until(Duration::from_secs(20), || healthy(&endpoint, &with_cert)),
-        "no mutual TLS health; log:\n{}",
-        server.log_text()
+    let (_server, endpoint) = start_https(
+        &pki,
+        &data.path().join("d"),
+        &[
+            format!("--trusted-ca-file={}", arg(&pki.ca)),
+            "--client-cert-auth".to_string(),
+        ],
+        &with_cert,
     );
     assert_eq!(
         etcdctl(&endpoint, &with_cert, &["get", "k", "--print-value-only"]),
@@ -531,26 +528,18 @@ fn stalled_handshakes_do_not_exhaust_the_server() {
     raise_open_files();
     let pki = Pki::new();
     let data = tempfile::tempdir().expect("temp dir");
-    let port = free_port();
-    let endpoint = format!("https://127.0.0.1:{port}");
-    let server = Kvstore::start(
-        &data.path().join("d"),
-        &single_member_args(
-            "https",
-            port,
-            &[
-                format!("--cert-file={}", arg(&pki.server.0)),
-                format!("--key-file={}", arg(&pki.server.1)),
-                "--tls-handshake-timeout=3s".to_string(),
-            ],
-        ),
-    );
     let trusted = client_tls(&pki, &pki.ca, None);
-    assert!(
-        wait_until(Duration::from_secs(20), || healthy(&endpoint, &trusted)),
-        "log:\n{}",
-        server.log_text()
+    let (server, endpoint) = start_https(
+        &pki,
+        &data.path().join("d"),
+        &["--tls-handshake-timeout=3s".to_string()],
+        &trusted,
     );
+    let port: u16 = endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
     let before = server.rss_bytes();
     // Connections that never send a ClientHello, and some that stop half way.
     let mut stalled = Vec::new();
@@ -773,25 +762,11 @@ fn curl_health(endpoint: &str, ca: &Path, options: &[&str]) -> bool {
 fn tls_versions_and_cipher_suites_follow_the_flags() {
     let pki = Pki::new();
     let data = tempfile::tempdir().expect("temp dir");
+    let trusted = client_tls(&pki, &pki.ca, None);
     let start = |extra: &[&str]| {
-        let port = free_port();
-        let mut flags = vec![
-            format!("--cert-file={}", arg(&pki.server.0)),
-            format!("--key-file={}", arg(&pki.server.1)),
-        ];
-        flags.extend(extra.iter().map(|flag| flag.to_string()));
-        let server = Kvstore::start(
-            &data.path().join(format!("d{port}")),
-            &single_member_args("https", port, &flags),
-        );
-        let endpoint = format!("https://127.0.0.1:{port}");
-        let trusted = client_tls(&pki, &pki.ca, None);
-        assert!(
-            wait_until(Duration::from_secs(20), || healthy(&endpoint, &trusted)),
-            "log:\n{}",
-            server.log_text()
-        );
-        (server, endpoint)
+        let extra: Vec<String> = extra.iter().map(|flag| flag.to_string()).collect();
+        let dir = data.path().join(format!("d{}", extra.len()));
+        start_https(&pki, &dir, &extra, &trusted)
     };
     // TLS 1.3 only: a TLS 1.2 client is refused.
     let (_server, endpoint) = start(&["--tls-min-version=TLS1.3"]);

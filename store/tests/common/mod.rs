@@ -234,20 +234,7 @@ impl Server {
 
     /// The server's resident memory in bytes, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .expect("VmRSS in /proc status")
-            * 1024
+        rss_of(self.pid())
     }
 
     /// What the server logged.
@@ -263,6 +250,23 @@ impl Drop for Server {
 }
 
 /// stdout and stderr of an etcdctl run, without etcdctl's own retry log lines.
+/// The resident memory of process `pid` in bytes, from /proc.
+pub fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("VmRSS in /proc status")
+        * 1024
+}
+
 pub fn text(output: &Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
