@@ -650,3 +650,23 @@ async fn permissions_hold_while_an_alarm_is_raised() {
         "OK\nexit=0"
     );
 }
+
+/// Users, roles, grants and the enabled flag survive a restart.
+#[test]
+fn auth_survives_a_restart() {
+    let mut kvstore = Server::start(Kind::Kvstore);
+    for step in setup_steps() {
+        run_step(&kvstore, &step);
+    }
+    kvstore.restart();
+    assert_eq!(
+        text(&kvstore.etcdctl(&[ALICE, "get", "foo", "--print-value-only"])),
+        "bar\nexit=0"
+    );
+    let out = text(&kvstore.etcdctl(&[ALICE, "get", "secret"]));
+    assert!(out.contains("etcdserver: permission denied"), "{out}");
+    let out = text(&kvstore.etcdctl(&["get", "foo"]));
+    assert!(out.contains("etcdserver: user name is empty"), "{out}");
+    let out = text(&kvstore.etcdctl(&[ROOT, "role", "get", "reader"]));
+    assert!(out.contains("[r1, r5)"), "{out}");
+}

@@ -125,6 +125,9 @@ pub struct Mvcc {
     expiries: Expiries,
     /// How long a simple auth token stays valid without use, in seconds.
     token_ttl: std::sync::atomic::AtomicU64,
+    /// Whether auth is enabled, readable without the index lock: every client
+    /// request asks, and with auth disabled (the common case) that is all it asks.
+    auth_enabled: std::sync::atomic::AtomicBool,
 }
 
 /// Read access to a consistent state of the store: either a reader's view of the
@@ -409,12 +412,14 @@ impl Mvcc {
     /// Opens the MVCC state kept in `storage`, rebuilding the key index.
     pub fn open(storage: Arc<Storage>) -> Result<Arc<Mvcc>, Error> {
         let state = load_state(&storage)?;
+        let auth_enabled = state.auth.enabled();
         Ok(Arc::new(Mvcc {
             storage,
             hub: WatchHub::new(state.current_revision),
             state: RwLock::new(state),
             expiries: Expiries::default(),
             token_ttl: std::sync::atomic::AtomicU64::new(300),
+            auth_enabled: std::sync::atomic::AtomicBool::new(auth_enabled),
         }))
     }
 
@@ -425,6 +430,8 @@ impl Mvcc {
         let mut state = self.state.write();
         self.storage.write(batch, true)?;
         *state = load_state(&self.storage)?;
+        self.auth_enabled
+            .store(state.auth.enabled(), std::sync::atomic::Ordering::Release);
         let current = state.current_revision;
         if let Some(extend) = self.expiries.primary_extension() {
             self.expiries.promote(
@@ -446,6 +453,11 @@ impl Mvcc {
     pub fn set_token_ttl(&self, ttl: std::time::Duration) {
         self.token_ttl
             .store(ttl.as_secs().max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether auth is enabled, without taking the index lock.
+    pub fn auth_enabled(&self) -> bool {
+        self.auth_enabled.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Users, roles and permissions as applied.
@@ -751,6 +763,12 @@ impl Writer<'_> {
         change: impl FnOnce(&mut crate::auth::AuthState) -> Result<T, EtcdError>,
     ) -> Result<T, EtcdError> {
         let result = change(&mut self.state.auth)?;
+        // Set before the batch is written: a reader that sees it takes the index
+        // lock, which this writer holds until the change is visible.
+        self.mvcc.auth_enabled.store(
+            self.state.auth.enabled(),
+            std::sync::atomic::Ordering::Release,
+        );
         let cf = self.storage.cf(CF_META);
         let mut end = meta_key::AUTH_PREFIX.to_vec();
         *end.last_mut().expect("prefix is not empty") += 1;

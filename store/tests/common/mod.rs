@@ -159,7 +159,12 @@ impl Server {
                 }
             }
             let output = self.etcdctl(&["--command-timeout=1s", "endpoint", "health"]);
-            if output.status.success() {
+            // With auth enabled an anonymous health check is refused, by a server
+            // that is serving.
+            if output.status.success()
+                || String::from_utf8_lossy(&output.stderr)
+                    .contains("etcdserver: user name is empty")
+            {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(100));
