@@ -156,6 +156,22 @@ pub fn caller() -> Result<Option<AuthInfo>, EtcdError> {
     }
 }
 
+/// Runs `work` on a task of its own, acting for `caller` (as [`caller`] returned it
+/// in the request that started the work).
+pub fn spawn_as<F>(caller: Result<Option<AuthInfo>, EtcdError>, work: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    match caller.transpose() {
+        None => {
+            tokio::spawn(work);
+        }
+        Some(caller) => {
+            tokio::spawn(CALLER.scope(caller, work));
+        }
+    }
+}
+
 /// Go's name of a gRPC code, as it appears in "rpc error: code = ... desc = ...".
 fn go_code_name(code: tonic::Code) -> String {
     format!("{code:?}")

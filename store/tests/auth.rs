@@ -670,3 +670,69 @@ fn auth_survives_a_restart() {
     let out = text(&kvstore.etcdctl(&[ROOT, "role", "get", "reader"]));
     assert!(out.contains("[r1, r5)"), "{out}");
 }
+
+/// The server-side lock and election recipes act for the calling user, also in the
+/// tasks they run on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_election_act_for_the_caller() {
+    use kvstore::pb::etcdserverpb::lease_client::LeaseClient;
+    use kvstore::pb::etcdserverpb::LeaseGrantRequest;
+    use kvstore::pb::v3electionpb::election_client::ElectionClient;
+    use kvstore::pb::v3electionpb::LeaderRequest;
+    use kvstore::pb::v3lockpb::lock_client::LockClient;
+    use kvstore::pb::v3lockpb::LockRequest;
+    let kvstore = Server::start(Kind::Kvstore);
+    for step in setup_steps() {
+        run_step(&kvstore, &step);
+    }
+    let token: tonic::metadata::MetadataValue<_> = authenticate(&kvstore, "alice", "alicepw")
+        .parse()
+        .expect("token header");
+    let with_token = move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("token", token.clone());
+        Ok(request)
+    };
+    let channel = kvstore.channel().await;
+    let lease = LeaseClient::with_interceptor(channel.clone(), with_token.clone())
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .expect("lease")
+        .into_inner()
+        .id;
+    let mut lock = LockClient::with_interceptor(channel.clone(), with_token.clone());
+    let held = lock
+        .lock(LockRequest {
+            name: b"pub/lock".to_vec(),
+            lease,
+        })
+        .await
+        .expect("a lock under a granted prefix");
+    assert!(held.into_inner().key.starts_with(b"pub/lock/"));
+    let error = lock
+        .lock(LockRequest {
+            name: b"secret-lock".to_vec(),
+            lease,
+        })
+        .await
+        .expect_err("a lock outside the grant");
+    assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error:?}");
+    // Observe runs in a task of its own: it still reads as alice.
+    let mut election = ElectionClient::with_interceptor(channel, with_token);
+    let outcome: Result<(), tonic::Status> = match election
+        .observe(LeaderRequest {
+            name: b"secret-election".to_vec(),
+        })
+        .await
+    {
+        Err(status) => Err(status),
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            match tokio::time::timeout(std::time::Duration::from_secs(5), stream.message()).await {
+                Ok(Err(status)) => Err(status),
+                other => panic!("observe outside the grant answered {other:?}"),
+            }
+        }
+    };
+    let status = outcome.expect_err("observe outside the grant");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+}

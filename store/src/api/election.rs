@@ -160,7 +160,8 @@ impl Election for ElectionService {
         let prefix = election_prefix(&request.into_inner().name);
         let (responses, outbound) = mpsc::channel(16);
         let server = self.server.clone();
-        tokio::spawn(async move {
+        // The observer reads as the user who asked, though in a task of its own.
+        crate::server::spawn_as(crate::server::caller(), async move {
             if let Err(status) = observe(&server, &prefix, &responses).await {
                 let _ = responses.send(Err(status)).await;
             }

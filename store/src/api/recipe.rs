@@ -187,6 +187,8 @@ pub async fn wait_deletes(
 /// waiter whose client went away must not stay in line.
 pub struct Withdraw {
     server: Arc<EtcdServer>,
+    /// The user the key was created for; the withdrawal acts for the same one.
+    caller: Result<Option<crate::pb::kvstorepb::AuthInfo>, crate::error::EtcdError>,
     key: Vec<u8>,
     revision: i64,
     armed: bool,
@@ -197,6 +199,7 @@ impl Withdraw {
     pub fn new(server: Arc<EtcdServer>, key: Vec<u8>, revision: i64) -> Withdraw {
         Withdraw {
             server,
+            caller: crate::server::caller(),
             key,
             revision,
             armed: true,
@@ -217,7 +220,7 @@ impl Drop for Withdraw {
         let server = self.server.clone();
         let key = std::mem::take(&mut self.key);
         let revision = self.revision;
-        tokio::spawn(async move {
+        let withdraw = async move {
             let _ = txn(
                 &server,
                 vec![created_at(&key, revision)],
@@ -225,7 +228,8 @@ impl Drop for Withdraw {
                 Vec::new(),
             )
             .await;
-        });
+        };
+        crate::server::spawn_as(self.caller.clone(), withdraw);
     }
 }
 
