@@ -143,20 +143,7 @@ impl Kvstore {
     }
 
     fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map(|kib| kib * 1024)
-            .unwrap_or(0)
+        common::rss_of(self.child.id())
     }
 }
 
@@ -461,6 +448,18 @@ fn tls_member_with(index: usize, ports: &[(u16, u16)], data: &Path, tls: &[Strin
     )
 }
 
+/// Waits until each of `members` (the first of `ports`) answers a health check.
+fn wait_members_healthy(members: &[Kvstore], ports: &[(u16, u16)]) {
+    for (i, member) in members.iter().enumerate() {
+        let endpoint = format!("127.0.0.1:{}", ports[i].0);
+        assert!(
+            wait_until(Duration::from_secs(30), || healthy(&endpoint, &[])),
+            "m{i} not healthy; log:\n{}",
+            member.log_text()
+        );
+    }
+}
+
 #[test]
 fn three_members_over_peer_tls_keep_out_a_foreign_peer() {
     let _one = common::one_at_a_time();
@@ -471,13 +470,7 @@ fn three_members_over_peer_tls_keep_out_a_foreign_peer() {
     let members: Vec<Kvstore> = (0..3)
         .map(|i| tls_member(i, &ports, data.path(), &pki, &pki.server))
         .collect();
-    for (i, member) in members.iter().enumerate() {
-        assert!(
-            wait_until(Duration::from_secs(30), || healthy(&endpoint(i), &[])),
-            "m{i} not healthy; log:\n{}",
-            member.log_text()
-        );
-    }
+    wait_members_healthy(&members, &ports);
     assert_eq!(
         etcdctl(&endpoint(0), &[], &["put", "k", "over-tls"]),
         "OK\nexit=0"
@@ -499,13 +492,7 @@ fn three_members_over_peer_tls_keep_out_a_foreign_peer() {
         .map(|i| tls_member(i, &ports, data.path(), &pki, &pki.server))
         .collect();
     let foreign = tls_member(2, &ports, data.path(), &pki, &pki.foreign_client);
-    for (i, member) in good.iter().enumerate() {
-        assert!(
-            wait_until(Duration::from_secs(30), || healthy(&endpoint(i), &[])),
-            "m{i} not healthy; log:\n{}",
-            member.log_text()
-        );
-    }
+    wait_members_healthy(&good, &ports);
     assert_eq!(
         etcdctl(&endpoint(0), &[], &["put", "k", "two"]),
         "OK\nexit=0"
@@ -648,16 +635,7 @@ fn peer_auto_tls_and_allowed_common_name() {
     let members: Vec<Kvstore> = (0..3)
         .map(|i| tls_member_with(i, &ports, data.path(), &["--peer-auto-tls".to_string()]))
         .collect();
-    for (i, member) in members.iter().enumerate() {
-        assert!(
-            wait_until(Duration::from_secs(30), || healthy(
-                &endpoint(&ports, i),
-                &[]
-            )),
-            "m{i} not healthy; log:\n{}",
-            member.log_text()
-        );
-    }
+    wait_members_healthy(&members, &ports);
     assert_eq!(
         etcdctl(&endpoint(&ports, 0), &[], &["put", "k", "auto"]),
         "OK\nexit=0"
@@ -693,16 +671,7 @@ fn peer_auto_tls_and_allowed_common_name() {
         .map(|i| tls_member_with(i, &ports, data.path(), &flags(&member_pair)))
         .collect();
     let intruder = tls_member_with(2, &ports, data.path(), &flags(&intruder_pair));
-    for (i, member) in good.iter().enumerate() {
-        assert!(
-            wait_until(Duration::from_secs(30), || healthy(
-                &endpoint(&ports, i),
-                &[]
-            )),
-            "m{i} not healthy; log:\n{}",
-            member.log_text()
-        );
-    }
+    wait_members_healthy(&good, &ports);
     assert_eq!(
         etcdctl(&endpoint(&ports, 0), &[], &["put", "k", "cn"]),
         "OK\nexit=0"

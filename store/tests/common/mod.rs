@@ -254,7 +254,6 @@ impl Drop for Server {
     }
 }
 
-/// stdout and stderr of an etcdctl run, without etcdctl's own retry log lines.
 /// The resident memory of process `pid` in bytes, from /proc.
 pub fn rss_of(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
@@ -272,6 +271,7 @@ pub fn rss_of(pid: u32) -> u64 {
         * 1024
 }
 
+/// stdout and stderr of an etcdctl run, without etcdctl's own retry log lines.
 pub fn text(output: &Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
