@@ -3,7 +3,6 @@
 //! validated by the api layer; what depends on the state (revisions, existing keys)
 //! is checked here.
 
-use crate::auth::Access;
 use crate::error::EtcdError;
 use crate::mvcc::{self, KeyRange, ReadView, Writer};
 use crate::pb::etcdserverpb::alarm_request::AlarmAction;
@@ -126,21 +125,8 @@ fn check_permission(writer: &Writer<'_>, request: &InternalRaftRequest) -> Resul
         return Ok(());
     }
     match &request.request {
-        Some(Request::Put(put)) => {
-            state.check(auth, &put.key, &[], Access::Write)?;
-            state.check_lease_keys(auth, put.lease, writer.leases())?;
-            if put.prev_kv {
-                state.check(auth, &put.key, &[], Access::Read)?;
-            }
-            Ok(())
-        }
-        Some(Request::DeleteRange(delete)) => {
-            state.check(auth, &delete.key, &delete.range_end, Access::Write)?;
-            if delete.prev_kv {
-                state.check(auth, &delete.key, &delete.range_end, Access::Read)?;
-            }
-            Ok(())
-        }
+        Some(Request::Put(put)) => state.check_put(auth, put, writer.leases()),
+        Some(Request::DeleteRange(delete)) => state.check_delete(auth, delete),
         Some(Request::Txn(txn)) => state.check_txn(auth, txn, writer.leases()),
         Some(Request::LeaseRevoke(revoke)) => {
             state.check_lease_keys(auth, revoke.id, writer.leases())

@@ -22,7 +22,8 @@ use crate::pb::authpb::{Permission, Role, User, UserAddOptions};
 use crate::pb::etcdserverpb::request_op::Request as Op;
 use crate::pb::etcdserverpb::{
     AuthRoleGrantPermissionRequest, AuthRoleRevokePermissionRequest, AuthUserAddRequest,
-    AuthUserChangePasswordRequest, AuthUserGrantRoleRequest, AuthUserRevokeRoleRequest, TxnRequest,
+    AuthUserChangePasswordRequest, AuthUserGrantRoleRequest, AuthUserRevokeRoleRequest,
+    DeleteRangeRequest, PutRequest, TxnRequest,
 };
 use crate::pb::kvstorepb::AuthInfo;
 
@@ -277,22 +278,39 @@ impl AuthState {
                 Some(Op::RequestRange(range)) => {
                     self.check(auth, &range.key, &range.range_end, Access::Read)?
                 }
-                Some(Op::RequestPut(put)) => {
-                    self.check(auth, &put.key, &[], Access::Write)?;
-                    if put.prev_kv {
-                        self.check(auth, &put.key, &[], Access::Read)?;
-                    }
-                    self.check_lease_keys(auth, put.lease, leases)?;
-                }
-                Some(Op::RequestDeleteRange(delete)) => {
-                    if delete.prev_kv {
-                        self.check(auth, &delete.key, &delete.range_end, Access::Read)?;
-                    }
-                    self.check(auth, &delete.key, &delete.range_end, Access::Write)?;
-                }
+                Some(Op::RequestPut(put)) => self.check_put(auth, put, leases)?,
+                Some(Op::RequestDeleteRange(delete)) => self.check_delete(auth, delete)?,
                 Some(Op::RequestTxn(nested)) => self.check_txn(auth, nested, leases)?,
                 None => {}
             }
+        }
+        Ok(())
+    }
+
+    /// A put needs write on its key, read too with `prev_kv`, and write on every key
+    /// already attached to its lease.
+    pub fn check_put(
+        &self,
+        auth: Option<&AuthInfo>,
+        put: &PutRequest,
+        leases: &LeaseTable,
+    ) -> Result<(), EtcdError> {
+        self.check(auth, &put.key, &[], Access::Write)?;
+        if put.prev_kv {
+            self.check(auth, &put.key, &[], Access::Read)?;
+        }
+        self.check_lease_keys(auth, put.lease, leases)
+    }
+
+    /// A delete needs write on its range, read too with `prev_kv`.
+    pub fn check_delete(
+        &self,
+        auth: Option<&AuthInfo>,
+        delete: &DeleteRangeRequest,
+    ) -> Result<(), EtcdError> {
+        self.check(auth, &delete.key, &delete.range_end, Access::Write)?;
+        if delete.prev_kv {
+            self.check(auth, &delete.key, &delete.range_end, Access::Read)?;
         }
         Ok(())
     }

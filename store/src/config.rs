@@ -496,38 +496,21 @@ impl Config {
     /// The client listeners' certificates: the given files, or with `--auto-tls` a
     /// self-signed pair under `<data-dir>/fixtures/client`; `None` without TLS.
     pub fn client_tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
-        let hosts = || {
-            self.listen_client_urls
-                .0
-                .iter()
-                .chain(&self.advertise_client_urls.0)
-                .map(|url| url.host.clone())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
-        };
         self.tls_files(
             [&self.cert_file, &self.key_file, &self.trusted_ca_file],
             self.client_cert_auth,
             self.auto_tls,
             None,
-            ("client", hosts),
+            (
+                "client",
+                [&self.listen_client_urls, &self.advertise_client_urls],
+            ),
             ["cert-file", "key-file"],
         )
     }
 
     /// The peer listeners' and peer calls' certificates, as [`Config::client_tls_files`].
     pub fn peer_tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
-        let hosts = || {
-            self.listen_peer_urls
-                .0
-                .iter()
-                .chain(&self.initial_advertise_peer_urls.0)
-                .map(|url| url.host.clone())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
-        };
         self.tls_files(
             [
                 &self.peer_cert_file,
@@ -537,7 +520,10 @@ impl Config {
             self.peer_client_cert_auth,
             self.peer_auto_tls,
             self.peer_cert_allowed_cn.clone(),
-            ("peer", hosts),
+            (
+                "peer",
+                [&self.listen_peer_urls, &self.initial_advertise_peer_urls],
+            ),
             ["peer-cert-file", "peer-key-file"],
         )
     }
@@ -548,7 +534,7 @@ impl Config {
         client_cert_auth: bool,
         auto: bool,
         allowed_cn: Option<String>,
-        (fixture, hosts): (&str, impl Fn() -> Vec<String>),
+        (fixture, urls): (&str, [&UrlList; 2]),
         [cert_flag, key_flag]: [&str; 2],
     ) -> Result<Option<crate::tls::TlsFiles>, String> {
         match (cert, key) {
@@ -570,8 +556,16 @@ impl Config {
             )),
             (None, None) if auto => {
                 let dir = self.data_dir().join("fixtures").join(fixture);
+                // The certificate names every host this side listens on or advertises.
+                let hosts: Vec<String> = urls
+                    .iter()
+                    .flat_map(|list| &list.0)
+                    .map(|url| url.host.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
                 let (cert_file, key_file) =
-                    crate::tls::self_signed(&dir, &hosts(), self.self_signed_cert_validity)?;
+                    crate::tls::self_signed(&dir, &hosts, self.self_signed_cert_validity)?;
                 Ok(Some(crate::tls::TlsFiles {
                     cert_file,
                     key_file,

@@ -910,12 +910,22 @@ impl EtcdServer {
     /// Whether the current client may read `key`..`range_end` (checked again where
     /// the read happens; this one answers before waiting for a read index).
     pub fn check_read(&self, key: &[u8], range_end: &[u8]) -> Result<(), EtcdError> {
+        self.check_read_as(caller(), key, range_end)
+    }
+
+    /// Whether `caller` (as [`caller`] returned it) may read `key`..`range_end`.
+    pub fn check_read_as(
+        &self,
+        caller: Result<Option<AuthInfo>, EtcdError>,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Result<(), EtcdError> {
         if !self.mvcc.auth_enabled() {
             return Ok(());
         }
         self.mvcc
             .auth()
-            .check(caller()?.as_ref(), key, range_end, Access::Read)
+            .check(caller?.as_ref(), key, range_end, Access::Read)
     }
 
     /// Whether the current client may administer the cluster (root), as etcd asks
@@ -939,9 +949,6 @@ impl EtcdServer {
             return Ok(AuthInfo::default());
         }
         let auth = self.mvcc.auth();
-        if !auth.enabled() {
-            return Ok(AuthInfo::default());
-        }
         let username = match (token, common_name) {
             (Some(token), _) => match &self.tokens {
                 crate::token::TokenProvider::Simple => auth
@@ -964,10 +971,14 @@ impl EtcdServer {
         })
     }
 
-    /// Proposes an auth management request for the current client (whose
-    /// permission apply checks) and returns the auth revision after it.
+    /// Proposes an auth management request for the current client, whose
+    /// permission apply checks.
     pub async fn auth_change(&self, request: Proposal) -> Result<(), Error> {
-        match self.propose_request(request).await? {
+        self.propose_auth(request, caller()?).await
+    }
+
+    async fn propose_auth(&self, request: Proposal, auth: Option<AuthInfo>) -> Result<(), Error> {
+        match self.propose_as(request, auth).await? {
             Response::Auth(_) => Ok(()),
             other => Err(Error::Unexpected(format!("{other:?}"))),
         }
@@ -1009,10 +1020,7 @@ impl EtcdServer {
                     name: name.to_string(),
                     simple_token: token.clone(),
                 });
-            match self.propose_as(request, None).await? {
-                Response::Auth(_) => {}
-                other => return Err(Error::Unexpected(format!("{other:?}"))),
-            }
+            self.propose_auth(request, None).await?;
             // The user changed while the password was checked: check again.
             if self.mvcc.auth().revision() == revision {
                 return Ok(token);

@@ -163,14 +163,9 @@ impl Session {
     async fn create(&mut self, create: WatchCreateRequest) -> Result<(), End> {
         // The whole watched range must be readable: a from-key watch (range end
         // "\0") reaches every later key.
-        let permitted = self.caller.clone().and_then(|caller| {
-            self.server.mvcc().auth().check(
-                caller.as_ref(),
-                &create.key,
-                &create.range_end,
-                crate::auth::Access::Read,
-            )
-        });
+        let permitted =
+            self.server
+                .check_read_as(self.caller.clone(), &create.key, &create.range_end);
         if let Err(error) = permitted {
             let response = WatchResponse {
                 header: self.server.header(self.server.mvcc().hub_revision()),
