@@ -13,14 +13,26 @@ fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).to_string()
 }
 
-/// The member ID `member list` shows for `peer_url`.
+/// The member ID `member list` shows for `peer_url`. `member list` is served from
+/// the asked member's own applied state, which may trail the member that made the
+/// change by a heartbeat: it is asked again for up to 5 s.
 fn member_id(cluster: &Cluster, via: usize, peer_url: &str) -> String {
-    let list = stdout(&cluster.etcdctl(via, &["member", "list"]));
-    list.lines()
-        .find(|line| line.contains(peer_url))
-        .and_then(|line| line.split(',').next())
-        .unwrap_or_else(|| panic!("{peer_url} not in member list:\n{list}"))
-        .to_string()
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = stdout(&cluster.etcdctl(via, &["member", "list"]));
+        if let Some(id) = list
+            .lines()
+            .find(|line| line.contains(peer_url))
+            .and_then(|line| line.split(',').next())
+        {
+            return id.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{peer_url} not in member list:\n{list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Adds a member entry for a new process and returns its index.
