@@ -51,46 +51,56 @@ fn start(binary: &Path) -> Server {
         "{} is missing: run scripts/deps",
         binary.display()
     );
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let child = Command::new(binary)
-        .arg("--name=bench")
-        .arg(format!("--data-dir={}", dir.path().join("data").display()))
-        .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-        .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
-        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-        .arg(format!(
-            "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-        ))
-        .arg(format!("--initial-cluster=bench=http://127.0.0.1:{peer}"))
-        .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the server");
-    let endpoint = format!("127.0.0.1:{client}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let health = Command::new(ETCDCTL)
-            .env("ETCDCTL_API", "3")
-            .args([&format!("--endpoints={endpoint}"), "endpoint", "health"])
-            .output()
-            .expect("run etcdctl");
-        if health.status.success() {
-            break;
+    // A port chosen free may be taken by another test before the server binds it:
+    // a server that exits before it is healthy is started again on new ports.
+    for _attempt in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let mut child = Command::new(binary)
+            .arg("--name=bench")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
+            .arg(format!("--initial-cluster=bench=http://127.0.0.1:{peer}"))
+            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the server");
+        let endpoint = format!("127.0.0.1:{client}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let health = Command::new(ETCDCTL)
+                .env("ETCDCTL_API", "3")
+                .args([&format!("--endpoints={endpoint}"), "endpoint", "health"])
+                .output()
+                .expect("run etcdctl");
+            if health.status.success() {
+                return Server {
+                    child,
+                    endpoint,
+                    _dir: dir,
+                };
+            }
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log =
+                    std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+                panic!("{} did not start; log:\n{log}", binary.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not start",
-            binary.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
-    Server {
-        child,
-        endpoint,
-        _dir: dir,
-    }
+    panic!("{} exited at start five times", binary.display());
 }
 
 /// Runs kvbench with `--json`; its report.
