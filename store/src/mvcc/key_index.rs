@@ -3,7 +3,14 @@
 
 use std::collections::HashSet;
 
+use smallvec::SmallVec;
+
 use super::revision::Revision;
+
+/// The revisions of a generation. Most keys are written once per generation, so one
+/// is kept inline: the index holds every key of the store in memory, and a heap
+/// allocation per key and generation would double its size.
+pub type Revisions = SmallVec<[Revision; 1]>;
 
 /// One life of a key: created at `created`, changed at each of `revisions`; when it is
 /// not the key's last generation, its last revision is the tombstone that ended it.
@@ -14,7 +21,7 @@ pub struct Generation {
     /// The revision that created the key in this generation.
     pub created: Revision,
     /// The revisions still kept, oldest first.
-    pub revisions: Vec<Revision>,
+    pub revisions: Revisions,
 }
 
 /// What the index knows of a key at a revision.
@@ -34,7 +41,8 @@ pub struct KeyIndex {
     /// The last revision that changed the key.
     pub modified: Revision,
     /// Generations, oldest first; the last one is open (possibly empty after a delete).
-    pub generations: Vec<Generation>,
+    /// One is kept inline, as for [`Revisions`].
+    pub generations: SmallVec<[Generation; 1]>,
 }
 
 impl KeyIndex {
@@ -59,10 +67,10 @@ impl KeyIndex {
     /// have been compacted away.
     pub fn restore(&mut self, created: Revision, modified: Revision, version: i64) {
         self.modified = modified;
-        self.generations = vec![Generation {
+        self.generations = smallvec::smallvec![Generation {
             version,
             created,
-            revisions: vec![modified],
+            revisions: smallvec::smallvec![modified],
         }];
     }
 
@@ -226,7 +234,7 @@ mod tests {
         let mut keep = HashSet::new();
         assert!(!index.compact(10, &mut keep));
         assert_eq!(keep, HashSet::from([rev(10)]));
-        assert_eq!(index.generations[0].revisions, vec![rev(10)]);
+        assert_eq!(index.generations[0].revisions.as_slice(), [rev(10)]);
         assert_eq!(index.get(10).unwrap().version, 2);
     }
 

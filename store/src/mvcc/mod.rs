@@ -77,27 +77,41 @@ impl KeyRange {
         }
     }
 
+    /// The range as BTreeMap bounds; None when it holds no key at all.
+    fn bounds(&self) -> Option<KeyBounds<'_>> {
+        match self {
+            KeyRange::Single(key) => Some((Bound::Included(key), Bound::Included(key))),
+            KeyRange::Span { start, end: None } => Some((Bound::Included(start), Bound::Unbounded)),
+            KeyRange::Span {
+                start,
+                end: Some(end),
+            } => (end > start).then_some((Bound::Included(start), Bound::Excluded(end))),
+        }
+    }
+
     fn iter<'a>(
         &self,
         keys: &'a BTreeMap<Vec<u8>, KeyIndex>,
-    ) -> Box<dyn Iterator<Item = (&'a Vec<u8>, &'a KeyIndex)> + 'a> {
-        match self {
-            KeyRange::Single(key) => Box::new(keys.get_key_value(key).into_iter()),
-            KeyRange::Span { start, end } => {
-                if let Some(end) = end {
-                    if end <= start {
-                        return Box::new(std::iter::empty());
-                    }
-                }
-                let upper = match end {
-                    Some(end) => Bound::Excluded(end.clone()),
-                    None => Bound::Unbounded,
-                };
-                Box::new(keys.range((Bound::Included(start.clone()), upper)))
-            }
-        }
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a KeyIndex)> + 'a {
+        self.bounds()
+            .map(|bounds| keys.range::<[u8], _>(bounds))
+            .into_iter()
+            .flatten()
+    }
+
+    fn iter_mut<'a>(
+        &self,
+        keys: &'a mut BTreeMap<Vec<u8>, KeyIndex>,
+    ) -> impl Iterator<Item = (&'a Vec<u8>, &'a mut KeyIndex)> + 'a {
+        self.bounds()
+            .map(|bounds| keys.range_mut::<[u8], _>(bounds))
+            .into_iter()
+            .flatten()
     }
 }
+
+/// Lower and upper bound of a [`KeyRange`] in the key index.
+type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// The revision of an empty store.
 pub const INITIAL_REVISION: i64 = 1;
@@ -622,34 +636,37 @@ impl Writer<'_> {
         with_values: bool,
     ) -> Result<(i64, Vec<KeyValue>), Error> {
         let at = self.current_revision();
-        let live: Vec<(Vec<u8>, Revision)> = range
-            .iter(&self.state.keys)
-            .filter_map(|(key, index)| index.get(at).map(|found| (key.clone(), found.modified)))
-            .collect();
+        // Values are read before anything changes, so a failed read changes nothing.
         let mut values = Vec::new();
         if with_values {
-            values.reserve(live.len());
-            for (_, revision) in &live {
-                values.push(self.value(*revision)?);
+            let revisions: Vec<Revision> = range
+                .iter(&self.state.keys)
+                .filter_map(|(_, index)| index.get(at).map(|found| found.modified))
+                .collect();
+            values.reserve(revisions.len());
+            for revision in revisions {
+                values.push(self.value(revision)?);
             }
         }
-        for (key, _) in &live {
-            let revision = self.next_revision();
-            let tombstone = KeyValue {
-                key: key.clone(),
-                ..Default::default()
-            };
-            self.batch.put_cf(
-                self.storage.cf(CF_KV),
-                revision.to_key(true),
-                tombstone.encode_to_vec(),
-            );
-            self.state
-                .keys
-                .get_mut(key)
-                .expect("a key found in the index is still there")
-                .tombstone(revision);
-            self.state.leases.detach(key);
+        // One pass over the index, cloning no key: deleting a prefix of a large
+        // store must not hold a second copy of its keys.
+        let cf = self.storage.cf(CF_KV);
+        let main = self.state.current_revision + 1;
+        let IndexState { keys, leases, .. } = &mut *self.state;
+        let mut deleted = 0;
+        for (key, index) in range.iter_mut(keys) {
+            if index.get(at).is_none() {
+                continue;
+            }
+            let revision = Revision::new(main, self.sub_revision);
+            self.sub_revision += 1;
+            deleted += 1;
+            // A tombstone's value is a KeyValue holding only the key.
+            let mut tombstone = Vec::with_capacity(key.len() + 8);
+            prost::encoding::bytes::encode(1, key, &mut tombstone);
+            self.batch.put_cf(cf, revision.to_key(true), tombstone);
+            index.tombstone(revision);
+            leases.detach(key);
             if let Some(events) = &mut self.events {
                 events.push(Event {
                     r#type: EventType::Delete as i32,
@@ -662,7 +679,7 @@ impl Writer<'_> {
                 });
             }
         }
-        Ok((live.len() as i64, values))
+        Ok((deleted, values))
     }
 
     /// Closes the open store revision; returns the new current revision.
@@ -897,6 +914,53 @@ pub(crate) mod tests {
         assert_eq!(put(&mvcc, "a", "3"), 5);
         let kv = get_at(&mvcc, "a", 0).unwrap().unwrap();
         assert_eq!((kv.create_revision, kv.version), (5, 1));
+    }
+
+    #[test]
+    fn range_delete_writes_one_tombstone_per_live_key_and_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
+            for key in ["p/a", "p/b", "p/c", "q"] {
+                put(&mvcc, key, "v");
+            }
+            let mut writer = mvcc.write();
+            writer
+                .delete_range(&KeyRange::new(b"p/b", b""), false)
+                .unwrap();
+            writer.end_revision();
+            writer.commit().unwrap();
+            // p/b is already gone: only p/a and p/c are deleted, at 7.0 and 7.1.
+            let mut writer = mvcc.write();
+            let (deleted, values) = writer
+                .delete_range(&KeyRange::new(b"p/", b"p0"), false)
+                .unwrap();
+            assert_eq!((deleted, values.len()), (2, 0));
+            assert_eq!(writer.end_revision(), 7);
+            writer.commit().unwrap();
+            for (sub, key) in [(0, "p/a"), (1, "p/c")] {
+                let stored = mvcc
+                    .storage()
+                    .get(CF_KV, &Revision::new(7, sub).to_key(true))
+                    .unwrap()
+                    .unwrap();
+                let expected = KeyValue {
+                    key: key.as_bytes().to_vec(),
+                    ..Default::default()
+                };
+                assert_eq!(stored, expected.encode_to_vec());
+            }
+            let empty = KeyRange::new(b"z", b"a");
+            assert_eq!(mvcc.write().delete_range(&empty, true).unwrap().0, 0);
+        }
+        let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(mvcc.current_revision(), 7);
+        assert_eq!(mvcc.live_keys(), 1);
+        assert!(get_at(&mvcc, "p/c", 0).unwrap().is_none());
+        assert_eq!(get_at(&mvcc, "p/c", 6).unwrap().unwrap().mod_revision, 4);
+        assert_eq!(put(&mvcc, "p/a", "again"), 8);
+        let kv = get_at(&mvcc, "p/a", 0).unwrap().unwrap();
+        assert_eq!((kv.create_revision, kv.version), (8, 1));
     }
 
     #[test]
