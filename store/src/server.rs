@@ -400,11 +400,12 @@ fn open_data_dir(path: &Path) -> Result<(), Error> {
 /// A runtime of its own for Raft (its core, state machine worker and the
 /// proposer), on a dedicated thread: under load hundreds of client connection tasks
 /// are runnable at once, and the serial commit pipeline must not queue behind them.
-/// The thread lives as long as the process.
+/// One thread: the pipeline's steps hand over to each other without waking another
+/// thread (a sequential put took 0.63 ms at p50 with two workers, 0.53 ms with one);
+/// snapshot disk work goes to the blocking pool. The thread lives as long as the
+/// process.
 fn raft_runtime() -> Result<tokio::runtime::Handle, Error> {
-    // Two workers: a snapshot build blocks one while the pipeline goes on with the other.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("raft")
         .enable_all()
         .build()

@@ -403,12 +403,24 @@ pub fn export(storage: &Storage, scratch: &Path, path: &Path) -> std::io::Result
     result
 }
 
+/// Runs disk work of snapshots (checkpoints, stream files) on tokio's blocking pool:
+/// Raft's runtime is a single thread, which must go on with heartbeats and
+/// appends meanwhile.
+async fn off_raft_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| snapshot_error(ErrorVerb::Write, &std::io::Error::other(e)))?
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         self.shared
             .requests_since_snapshot
             .store(0, Ordering::Relaxed);
-        let meta = self.take_checkpoint(None)?;
+        let this = self.clone();
+        let meta = off_raft_thread(move || this.take_checkpoint(None)).await?;
         tracing::info!(snapshot_id = %meta.snapshot_id, "built snapshot");
         let snapshot = self
             .get_current_snapshot()
@@ -506,8 +518,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
         snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
+        let file = snapshot.into_std().await;
+        let this = self.clone();
+        let meta = meta.clone();
+        off_raft_thread(move || this.install(&meta, file)).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let this = self.clone();
+        off_raft_thread(move || this.current_snapshot()).await
+    }
+}
+
+impl StateMachine {
+    /// Replaces the state with a snapshot stream from the leader.
+    fn install(
+        &self,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        mut file: std::fs::File,
+    ) -> Result<(), StorageError> {
         let signature = || ErrorSubject::Snapshot(Some(meta.signature()));
-        let mut file = snapshot.into_std().await;
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))
             .map_err(|e| io_error(signature(), ErrorVerb::Read, &e))?;
@@ -522,7 +552,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.take_checkpoint(Some(meta)).map(|_| ())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+    /// The newest snapshot as a stream file, for a follower that needs it.
+    fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
         let Some(current) = self.current()? else {
             return Ok(None);
         };
