@@ -651,6 +651,8 @@ impl Writer<'_> {
         // One pass over the index, cloning no key: deleting a prefix of a large
         // store must not hold a second copy of its keys.
         let cf = self.storage.cf(CF_KV);
+        // Revisions as `next_revision` gives them; it cannot be called while the
+        // loop borrows the index.
         let main = self.state.current_revision + 1;
         let IndexState { keys, leases, .. } = &mut *self.state;
         let mut deleted = 0;
@@ -878,6 +880,16 @@ pub(crate) mod tests {
         revision
     }
 
+    /// Deletes `key` (without reading values) in a revision of its own.
+    fn delete(mvcc: &Mvcc, key: &str) {
+        let mut writer = mvcc.write();
+        writer
+            .delete_range(&KeyRange::new(key.as_bytes(), b""), false)
+            .unwrap();
+        writer.end_revision();
+        writer.commit().unwrap();
+    }
+
     fn get_at(mvcc: &Mvcc, key: &str, revision: i64) -> Result<Option<KeyValue>, Error> {
         let request = RangeRequest {
             key: key.as_bytes().to_vec(),
@@ -924,12 +936,7 @@ pub(crate) mod tests {
             for key in ["p/a", "p/b", "p/c", "q"] {
                 put(&mvcc, key, "v");
             }
-            let mut writer = mvcc.write();
-            writer
-                .delete_range(&KeyRange::new(b"p/b", b""), false)
-                .unwrap();
-            writer.end_revision();
-            writer.commit().unwrap();
+            delete(&mvcc, "p/b");
             // p/b is already gone: only p/a and p/c are deleted, at 7.0 and 7.1.
             let mut writer = mvcc.write();
             let (deleted, values) = writer
@@ -971,12 +978,7 @@ pub(crate) mod tests {
             put(&mvcc, "a", "1");
             put(&mvcc, "a", "2");
             put(&mvcc, "b", "1");
-            let mut writer = mvcc.write();
-            writer
-                .delete_range(&KeyRange::new(b"b", b""), false)
-                .unwrap();
-            writer.end_revision();
-            writer.commit().unwrap();
+            delete(&mvcc, "b");
             put(&mvcc, "c", "1");
             // History: a@2, a@3, b@4, b deleted@5, c@6.
             let mut writer = mvcc.write();
@@ -1037,12 +1039,7 @@ pub(crate) mod tests {
             writer.commit().unwrap();
             // "b" moves to no lease, "c" is deleted.
             put(&mvcc, "b", "2");
-            let mut writer = mvcc.write();
-            writer
-                .delete_range(&KeyRange::new(b"c", b""), false)
-                .unwrap();
-            writer.end_revision();
-            writer.commit().unwrap();
+            delete(&mvcc, "c");
         }
         let mvcc = Mvcc::open(Storage::open(dir.path()).unwrap()).unwrap();
         {
