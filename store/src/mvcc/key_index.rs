@@ -13,7 +13,7 @@ use super::revision::Revision;
 pub type Revisions = SmallVec<[Revision; 1]>;
 
 /// One life of a key: created at `created`, changed at each of `revisions`; when it is
-/// not the key's last generation, its last revision is the tombstone that ended it.
+/// closed, its last revision is the tombstone that ended it. Never empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Generation {
     /// Changes made in this generation, tombstone included.
@@ -38,18 +38,21 @@ pub struct KeyAt {
 /// The history of one key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyIndex {
-    /// The last revision that changed the key.
-    pub modified: Revision,
-    /// Generations, oldest first; the last one is open (possibly empty after a delete).
-    /// One is kept inline, as for [`Revisions`].
+    /// Generations, oldest first. All but the last end with their tombstone; the last
+    /// one does when `closed`. One is kept inline, as for [`Revisions`]: a deleted key
+    /// keeps a single closed generation instead of opening an empty one, so deleting
+    /// a large prefix allocates nothing per key.
     pub generations: SmallVec<[Generation; 1]>,
+    /// Whether the last generation ended with a tombstone.
+    pub closed: bool,
 }
 
 impl KeyIndex {
     /// Records a put at `revision`.
     pub fn put(&mut self, revision: Revision) {
-        if self.generations.is_empty() {
+        if self.closed || self.generations.is_empty() {
             self.generations.push(Generation::default());
+            self.closed = false;
         }
         let generation = self
             .generations
@@ -60,18 +63,17 @@ impl KeyIndex {
         }
         generation.revisions.push(revision);
         generation.version += 1;
-        self.modified = revision;
     }
 
     /// Rebuilds the index entry of a key from a stored value whose earlier history may
     /// have been compacted away.
     pub fn restore(&mut self, created: Revision, modified: Revision, version: i64) {
-        self.modified = modified;
         self.generations = smallvec::smallvec![Generation {
             version,
             created,
             revisions: smallvec::smallvec![modified],
         }];
+        self.closed = false;
     }
 
     /// Records a deletion at `revision`; returns false when the key is not live.
@@ -80,26 +82,25 @@ impl KeyIndex {
             return false;
         }
         self.put(revision);
-        self.generations.push(Generation::default());
+        self.closed = true;
         true
     }
 
     /// Whether the key exists at the newest revision.
     pub fn is_live(&self) -> bool {
-        self.generations
-            .last()
-            .is_some_and(|g| !g.revisions.is_empty())
+        !self.closed && self.generations.last().is_some()
+    }
+
+    /// Whether the generation at `position` ended with a tombstone.
+    fn is_closed(&self, position: usize) -> bool {
+        position + 1 < self.generations.len() || self.closed
     }
 
     /// The key as it was at store revision `at`, or None if it did not exist then.
     pub fn get(&self, at: i64) -> Option<KeyAt> {
-        let last = self.generations.len().checked_sub(1)?;
         for (position, generation) in self.generations.iter().enumerate().rev() {
-            let Some(newest) = generation.revisions.last() else {
-                continue;
-            };
-            let closed = position != last;
-            if closed && newest.main <= at {
+            let newest = generation.revisions.last()?;
+            if self.is_closed(position) && newest.main <= at {
                 // The tombstone that closed this generation came at or before `at`.
                 return None;
             }
@@ -122,12 +123,9 @@ impl KeyIndex {
     /// key's value at `at`. Every revision this index still needs at or below `at` is
     /// added to `keep`. Returns true when nothing of the key remains.
     pub fn compact(&mut self, at: i64, keep: &mut HashSet<Revision>) -> bool {
-        if self.generations.is_empty() {
-            return true;
-        }
-        // The first generation that was still open at `at`, or created after it.
+        // Generations whose tombstone is at or below `at` are gone, tombstone and all.
         let mut first = 0;
-        while first < self.generations.len() - 1 {
+        while first < self.generations.len() && self.is_closed(first) {
             let tombstone = self.generations[first]
                 .revisions
                 .last()
@@ -137,22 +135,18 @@ impl KeyIndex {
             }
             first += 1;
         }
-        let last = self.generations.len() - 1;
+        if first == self.generations.len() {
+            self.generations.clear();
+            self.closed = false;
+            return true;
+        }
         let generation = &mut self.generations[first];
-        if !generation.revisions.is_empty() {
-            let newest_at_or_below = generation.revisions.iter().rposition(|r| r.main <= at);
-            if let Some(index) = newest_at_or_below {
-                keep.insert(generation.revisions[index]);
-                generation.revisions.drain(..index);
-            }
-            // A closed generation reduced to its tombstone is gone entirely.
-            if generation.revisions.len() == 1 && first != last {
-                keep.remove(&generation.revisions[0]);
-                first += 1;
-            }
+        if let Some(index) = generation.revisions.iter().rposition(|r| r.main <= at) {
+            keep.insert(generation.revisions[index]);
+            generation.revisions.drain(..index);
         }
         self.generations.drain(..first);
-        self.generations.len() == 1 && self.generations[0].revisions.is_empty()
+        false
     }
 }
 
@@ -208,6 +202,23 @@ mod tests {
         assert!(index.tombstone(rev(2)));
         assert!(!index.tombstone(rev(3)));
         assert!(!index.is_live());
+    }
+
+    #[test]
+    fn deleted_key_keeps_one_closed_generation_inline() {
+        let mut index = KeyIndex::default();
+        index.put(rev(1));
+        assert!(index.tombstone(rev(2)));
+        assert_eq!(index.generations.len(), 1);
+        assert!(!index.generations.spilled());
+        assert_eq!(index.get(1).unwrap().modified, rev(1));
+        assert_eq!(index.get(2), None);
+        index.put(rev(3));
+        assert!(index.is_live());
+        assert_eq!(index.generations.len(), 2);
+        assert_eq!(index.get(2), None);
+        let at3 = index.get(3).unwrap();
+        assert_eq!((at3.created, at3.version), (rev(3), 1));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{KeyRange, Mvcc, Revision};
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
-use crate::storage::CF_KV;
+use crate::storage::{Storage, CF_KV};
 
 /// Deliveries a stream may have queued before its watchers fall back to catching up.
 const STREAM_QUEUE: usize = 64;
@@ -421,20 +421,22 @@ impl Mvcc {
 }
 
 /// One stored change, as an event.
-fn decode_event(key: &[u8], value: &[u8]) -> Option<(Revision, Event)> {
+fn decode_event(storage: &Storage, key: &[u8], value: &[u8]) -> Option<(Revision, Event)> {
     let (revision, tombstone) = Revision::from_key(key)?;
-    let mut kv = KeyValue::decode(value).ok()?;
     let event = if tombstone {
-        kv.mod_revision = revision.main;
         Event {
             r#type: EventType::Delete as i32,
-            kv: Some(kv),
+            kv: Some(KeyValue {
+                key: super::tombstone_key(storage, revision, value).ok()?,
+                mod_revision: revision.main,
+                ..Default::default()
+            }),
             prev_kv: None,
         }
     } else {
         Event {
             r#type: EventType::Put as i32,
-            kv: Some(kv),
+            kv: Some(KeyValue::decode(value).ok()?),
             prev_kv: None,
         }
     };
@@ -656,7 +658,7 @@ impl WatchStream {
                     tracing::warn!("cannot read history for watchers; retrying later");
                     return Some(false);
                 };
-                let Some((revision, event)) = decode_event(&key, &value) else {
+                let Some((revision, event)) = decode_event(storage, &key, &value) else {
                     continue;
                 };
                 if revision.main > notified {
