@@ -408,9 +408,7 @@ fn load_state(storage: &Storage) -> Result<IndexState, Error> {
     }
     // The lease each live key carries, from its newest value.
     let mut lease_of_key: HashMap<Vec<u8>, i64> = HashMap::new();
-    let iterator = storage
-        .db()
-        .iterator_cf(storage.cf(CF_KV), rocksdb::IteratorMode::Start);
+    let iterator = storage.scan_cf(CF_KV, rocksdb::IteratorMode::Start);
     for item in iterator {
         let (key, value) = item.map_err(|source| crate::storage::Error::Io {
             operation: "scan kv",
@@ -579,11 +577,7 @@ impl Mvcc {
         let compact = view.compact_revision();
         let mut hasher = crc32fast::Hasher::new();
         let end = Revision::new(at + 1, 0).to_key(false);
-        for item in self
-            .storage
-            .db()
-            .iterator_cf(self.storage.cf(CF_KV), rocksdb::IteratorMode::Start)
-        {
+        for item in self.storage.scan_cf(CF_KV, rocksdb::IteratorMode::Start) {
             let (key, value) = item.map_err(|source| crate::storage::Error::Io {
                 operation: "scan kv for hash",
                 source,
@@ -744,8 +738,8 @@ impl Writer<'_> {
             .retain(|_, index| !index.compact(at, &mut keep));
         let cf = self.storage.cf(CF_KV);
         let end = Revision::new(at + 1, 0).to_key(false);
-        let iterator = self.storage.db().iterator_cf(
-            cf,
+        let iterator = self.storage.scan_cf(
+            CF_KV,
             rocksdb::IteratorMode::From(&end, rocksdb::Direction::Reverse),
         );
         let mut doomed = Vec::new();

@@ -307,10 +307,7 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
     let mut writer = BufWriter::new(file);
     writer.write_all(SNAPSHOT_MAGIC)?;
     write_frame(&mut writer, &encode(&header))?;
-    for item in storage
-        .db()
-        .iterator_cf(storage.cf(CF_KV), rocksdb::IteratorMode::Start)
-    {
+    for item in storage.scan_cf(CF_KV, rocksdb::IteratorMode::Start) {
         let (key, value) = item.map_err(std::io::Error::other)?;
         write_frame(&mut writer, &key)?;
         write_frame(&mut writer, &value)?;
