@@ -617,8 +617,16 @@ impl Writer<'_> {
     /// Creation revision and version come from the index: no value is read.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Result<Revision, Error> {
         let at = self.current_revision();
-        let previous = self.state.keys.get(key).and_then(|index| index.get(at));
         let revision = self.next_revision();
+        // One search of the index for a key it holds (two for a new key): keys can be
+        // long, and every comparison on the way down compares them.
+        let IndexState { keys, leases, .. } = &mut *self.state;
+        let index = match keys.get_mut(key) {
+            Some(index) => index,
+            None => keys.entry(Box::from(key)).or_default(),
+        };
+        let previous = index.get(at);
+        index.put(revision);
         let kv = KeyValue {
             key: key.to_vec(),
             create_revision: previous.map_or(revision.main, |p| p.created.main),
@@ -627,27 +635,18 @@ impl Writer<'_> {
             value,
             lease,
         };
+        leases.attach(key, lease);
         self.batch.put_cf(
             self.storage.cf(CF_KV),
             revision.to_key(false),
             kv.encode_to_vec(),
         );
-        self.state.leases.attach(key, lease);
         if let Some(events) = &mut self.events {
             events.push(Event {
                 r#type: EventType::Put as i32,
                 kv: Some(kv.clone()),
                 prev_kv: None,
             });
-        }
-        match self.state.keys.get_mut(key) {
-            Some(index) => index.put(revision),
-            None => self
-                .state
-                .keys
-                .entry(Box::from(key))
-                .or_default()
-                .put(revision),
         }
         self.pending_values.insert(revision, kv);
         Ok(revision)
