@@ -169,9 +169,9 @@ impl Storage {
         options.set_atomic_flush(true);
         // All memtables together stay under 32 MiB (the busiest is flushed first):
         // under a steady write load the log and the key-value families would
-        // otherwise each hold two full memtables. Measured against 64 and 32 MiB
+        // otherwise each hold two full memtables. Against 64 MiB in all with 32 MiB
         // memtables: peak RSS for 100,000 puts from 500 clients 125 -> 94 MiB at the
-        // same throughput; at 24 MiB with 8 MiB memtables throughput fell by a quarter.
+        // same throughput; 24 MiB with 8 MiB memtables cost a quarter of it.
         options.set_db_write_buffer_size(32 << 20);
 
         let descriptors = COLUMN_FAMILIES.iter().map(|name| {
