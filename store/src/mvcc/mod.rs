@@ -597,11 +597,17 @@ impl Mvcc {
     }
 }
 
+/// The next change of the revision open above `current_revision`, counting it in
+/// `sub_revision`.
+fn take_revision(current_revision: i64, sub_revision: &mut i64) -> Revision {
+    let revision = Revision::new(current_revision + 1, *sub_revision);
+    *sub_revision += 1;
+    revision
+}
+
 impl Writer<'_> {
     fn next_revision(&mut self) -> Revision {
-        let revision = Revision::new(self.state.current_revision + 1, self.sub_revision);
-        self.sub_revision += 1;
-        revision
+        take_revision(self.state.current_revision, &mut self.sub_revision)
     }
 
     /// The live value of `key` as this view sees it.
@@ -675,17 +681,15 @@ impl Writer<'_> {
         // One pass over the index, cloning no key: deleting a prefix of a large
         // store must not hold a second copy of its keys.
         let cf = self.storage.cf(CF_KV);
-        // Revisions as `next_revision` gives them; it cannot be called while the
-        // loop borrows the index.
-        let main = self.state.current_revision + 1;
+        // `next_revision` cannot be called while the loop borrows the index.
+        let current = self.state.current_revision;
         let IndexState { keys, leases, .. } = &mut *self.state;
         let mut deleted = 0;
         for (key, index) in range.iter_mut(keys) {
             let Some(found) = index.get(at) else {
                 continue;
             };
-            let revision = Revision::new(main, self.sub_revision);
-            self.sub_revision += 1;
+            let revision = take_revision(current, &mut self.sub_revision);
             deleted += 1;
             // The tombstone names the value it ends (see `tombstone_key`).
             self.batch
