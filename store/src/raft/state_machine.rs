@@ -586,7 +586,9 @@ mod tests {
     use crate::raft::log_store::LogStore;
     use openraft::testing::{StoreBuilder, Suite};
 
-    struct Builder;
+    /// Builds stores whose log writes appends up to `.0` bytes on the calling thread
+    /// (`None`: the default limit).
+    struct Builder(Option<usize>);
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
@@ -594,7 +596,11 @@ mod tests {
             let storage = Storage::open(&dir.path().join("member")).expect("open storage");
             let mvcc = Mvcc::open(storage.clone()).expect("open mvcc");
             let state_machine = StateMachine::open(mvcc, dir.path().join("snap"))?;
-            Ok((dir, LogStore::open(storage), state_machine))
+            let log = match self.0 {
+                Some(limit) => LogStore::with_inline_limit(storage, limit),
+                None => LogStore::open(storage),
+            };
+            Ok((dir, log, state_machine))
         }
     }
 
@@ -614,7 +620,15 @@ mod tests {
 
     #[test]
     fn openraft_storage_suite() {
-        Suite::test_all(Builder).unwrap();
+        Suite::test_all(Builder(None)).unwrap();
+    }
+
+    /// The log's two ways to write an append, each alone: all on the writer thread,
+    /// all on the calling thread.
+    #[test]
+    fn openraft_storage_suite_with_each_append_path() {
+        Suite::test_all(Builder(Some(0))).unwrap();
+        Suite::test_all(Builder(Some(usize::MAX))).unwrap();
     }
 
     fn put_entry(index: u64, key: &str, value: &str) -> Entry {
@@ -655,7 +669,7 @@ mod tests {
     async fn snapshot_moves_history_to_another_member() {
         use crate::pb::etcdserverpb::{LeaseGrantRequest, PutRequest};
         use crate::pb::kvstorepb::internal_raft_request::Request;
-        let (_source_dir, _, mut source) = Builder.build().await.unwrap();
+        let (_source_dir, _, mut source) = Builder(None).build().await.unwrap();
         source
             .apply([
                 put_entry(1, "a", "1"),
@@ -683,7 +697,7 @@ mod tests {
         // Later writes do not leak into the snapshot taken before them.
         source.apply([put_entry(5, "c", "1")]).await.unwrap();
 
-        let (_target_dir, _, mut target) = Builder.build().await.unwrap();
+        let (_target_dir, _, mut target) = Builder(None).build().await.unwrap();
         target.apply([put_entry(1, "stale", "x")]).await.unwrap();
         let current = source.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, built.meta);
