@@ -22,6 +22,8 @@ use kvstore::pb::etcdserverpb::{
 use serde::Serialize;
 use tonic::transport::Channel;
 
+mod null_server;
+
 #[derive(Parser)]
 #[command(
     name = "kvbench",
@@ -150,6 +152,15 @@ enum Workload {
     LeaseKeepalive {
         #[command(flatten)]
         load: Load,
+    },
+    /// Serves a KV API that stores nothing, until stopped: Put, DeleteRange, Txn and
+    /// Compact succeed at once and Range finds nothing. Writes from a workload (or
+    /// etcdctl) against it measure the client's and gRPC's own cost on this
+    /// machine, the ceiling for a server built on the same transport.
+    NullServer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -692,6 +703,13 @@ async fn main() {
             put_rate,
         } => watch(common, watchers, streams, puts, put_rate).await,
         Workload::LeaseKeepalive { load } => lease_keepalive(common, load).await,
+        Workload::NullServer { listen } => {
+            if let Err(error) = null_server::serve(listen).await {
+                eprintln!("kvbench: {error:#}");
+                std::process::exit(1);
+            }
+            return;
+        }
     };
     match result.and_then(|report| print(&report, common.json)) {
         Ok(()) => {}

@@ -222,3 +222,78 @@ fn bad_endpoints_are_reported() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Starts `kvbench null-server` on a free port; its endpoint once it accepts.
+fn start_null_server() -> Server {
+    for _attempt in 0..5 {
+        let port = free_port();
+        let mut child = Command::new(KVBENCH)
+            .args(["null-server", &format!("--listen=127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kvbench null-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Server {
+                    child,
+                    endpoint: format!("127.0.0.1:{port}"),
+                    _dir: tempfile::tempdir().unwrap(),
+                };
+            }
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("kvbench null-server did not start five times");
+}
+
+#[test]
+fn the_null_server_answers_kvbench_and_etcdctl() {
+    let server = start_null_server();
+    let clients = ["--clients=8", "--conns=2"];
+    for (args, workload) in [
+        (&["put", "--total=300"][..], "put"),
+        (&["txn-put", "--total=200", "--txn-ops=4"][..], "txn-put"),
+    ] {
+        let args: Vec<&str> = clients.iter().chain(args).copied().collect();
+        let operations = args
+            .iter()
+            .find_map(|arg| arg.strip_prefix("--total="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        check(&kvbench(&server, &args), workload, operations);
+    }
+    // etcdctl's puts succeed and its reads find nothing, as check perf needs.
+    let etcdctl = |args: &[&str]| {
+        let output = Command::new(ETCDCTL)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", server.endpoint))
+            .args(args)
+            .output()
+            .expect("run etcdctl");
+        assert!(output.status.success(), "etcdctl {args:?}: {output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(etcdctl(&["put", "k", "v"]), "OK\n");
+    assert_eq!(etcdctl(&["get", "k"]), "");
+    assert_eq!(etcdctl(&["del", "--prefix", "k"]), "0\n");
+
+    // A second one on the same address says why it cannot start.
+    let output = Command::new(KVBENCH)
+        .args(["null-server", &format!("--listen={}", server.endpoint)])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", server.endpoint)),
+        "{stderr}"
+    );
+}
