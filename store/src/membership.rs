@@ -82,7 +82,7 @@ impl EtcdServer {
 
     /// Whether this member leads.
     pub fn is_leader(&self) -> bool {
-        self.raft().metrics().borrow().state == ServerState::Leader
+        self.raft().server_metrics().borrow().state == ServerState::Leader
     }
 
     /// The leader's peer URL, where followers pass Cluster calls on to.

@@ -441,9 +441,10 @@ fn is_serializable(request: &TxnRequest) -> bool {
 
 /// Keeps lease deadlines with the leader: a member that becomes leader gives every
 /// lease a full TTL plus an election timeout (as etcd's lessor Promote does), one that
-/// stops leading forgets them. Ends with the server.
+/// stops leading forgets them. Ends with the server. Watches the server metrics,
+/// which change with the vote, state and leader only, not with every entry.
 async fn follow_leadership(server: std::sync::Weak<EtcdServer>) {
-    let Some(mut metrics) = server.upgrade().map(|server| server.raft.metrics()) else {
+    let Some(mut metrics) = server.upgrade().map(|server| server.raft.server_metrics()) else {
         return;
     };
     let mut leading_term = None;
@@ -451,7 +452,11 @@ async fn follow_leadership(server: std::sync::Weak<EtcdServer>) {
     loop {
         let (state, term, leader) = {
             let current = metrics.borrow_and_update();
-            (current.state, current.current_term, current.current_leader)
+            (
+                current.state,
+                current.vote.leader_id().get_term(),
+                current.current_leader,
+            )
         };
         if leader.is_some() && leader != known_leader {
             crate::metrics::METRICS.leader_changes.inc();
@@ -834,7 +839,13 @@ impl EtcdServer {
             cluster_id: self.identity.cluster_id,
             member_id: self.identity.member_id,
             revision,
-            raft_term: self.raft.metrics().borrow().current_term,
+            raft_term: self
+                .raft
+                .server_metrics()
+                .borrow()
+                .vote
+                .leader_id()
+                .get_term(),
         })
     }
 
