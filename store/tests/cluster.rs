@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::{Cluster, Kind};
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
-use kvstore::pb::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest};
+use kvstore::pb::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest, StatusRequest};
 use tonic::transport::Channel;
 
 /// key -> value of every acknowledged put.
@@ -151,9 +151,24 @@ async fn verify(cluster: &Cluster, acknowledged: &BTreeMap<Vec<u8>, Vec<u8>>) {
     );
 }
 
+/// The Raft term in the header of a put answered by member `index`.
+async fn put_term(cluster: &Cluster, index: usize) -> u64 {
+    let response = KvClient::new(cluster.members[index].channel().await)
+        .put(PutRequest {
+            key: b"term-probe".to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("put through the leader")
+        .into_inner();
+    response.header.expect("a response header").raft_term
+}
+
 async fn leader_loss(size: usize) {
     let mut cluster = Cluster::start(Kind::Kvstore, size, &format!("loss-{size}"), &[]);
     let leader = cluster.wait_leader(Duration::from_secs(10));
+    let term_before = put_term(&cluster, leader).await;
     let writers = start_writers(&cluster, 8);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = writers.count();
@@ -175,6 +190,15 @@ async fn leader_loss(size: usize) {
         writers.count() > before,
         "writes continue under the new leader"
     );
+    // Response headers carry the new term, the one the member's status reports.
+    let term_after = put_term(&cluster, new_leader).await;
+    assert!(term_after > term_before, "{term_after} after {term_before}");
+    let status = MaintenanceClient::new(cluster.members[new_leader].channel().await)
+        .status(StatusRequest {})
+        .await
+        .expect("status of the new leader")
+        .into_inner();
+    assert_eq!(status.raft_term, term_after);
 
     // The killed member comes back and catches up.
     tokio::task::block_in_place(|| {
