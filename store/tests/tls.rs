@@ -670,12 +670,15 @@ fn peer_auto_tls_and_allowed_common_name() {
     let good: Vec<Kvstore> = (0..2)
         .map(|i| tls_member_with(i, &ports, data.path(), &flags(&member_pair)))
         .collect();
-    let intruder = tls_member_with(2, &ports, data.path(), &flags(&intruder_pair));
     wait_members_healthy(&good, &ports);
     assert_eq!(
         etcdctl(&endpoint(&ports, 0), &[], &["put", "k", "cn"]),
         "OK\nexit=0"
     );
+    // The intruder joins once the two have a leader. Started together, the intruder
+    // (which hears the others but cannot reach them) campaigns in ever higher terms
+    // and could keep them from electing for longer than this test waits.
+    let intruder = tls_member_with(2, &ports, data.path(), &flags(&intruder_pair));
     // The intruder's calls are refused: it never gets its name published through
     // the leader, so the others list it as unstarted, and it serves no client.
     std::thread::sleep(Duration::from_secs(3));
