@@ -161,6 +161,10 @@ enum Workload {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:2379")]
         listen: std::net::SocketAddr,
+        /// Make puts durable the least a server can: append each to this file and
+        /// acknowledge it after one fdatasync per group of puts (group commit).
+        #[arg(long, value_name = "FILE")]
+        fsync_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -703,8 +707,8 @@ async fn main() {
             put_rate,
         } => watch(common, watchers, streams, puts, put_rate).await,
         Workload::LeaseKeepalive { load } => lease_keepalive(common, load).await,
-        Workload::NullServer { listen } => {
-            if let Err(error) = null_server::serve(listen).await {
+        Workload::NullServer { listen, fsync_file } => {
+            if let Err(error) = null_server::serve(listen, fsync_file.as_deref()).await {
                 eprintln!("kvbench: {error:#}");
                 std::process::exit(1);
             }

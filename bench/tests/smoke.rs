@@ -223,12 +223,14 @@ fn bad_endpoints_are_reported() {
     );
 }
 
-/// Starts `kvbench null-server` on a free port; its endpoint once it accepts.
-fn start_null_server() -> Server {
+/// Starts `kvbench null-server` on a free port with `extra` arguments; its endpoint
+/// once it accepts.
+fn start_null_server(extra: &[&str]) -> Server {
     for _attempt in 0..5 {
         let port = free_port();
         let mut child = Command::new(KVBENCH)
             .args(["null-server", &format!("--listen=127.0.0.1:{port}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -255,7 +257,7 @@ fn start_null_server() -> Server {
 
 #[test]
 fn the_null_server_answers_kvbench_and_etcdctl() {
-    let server = start_null_server();
+    let server = start_null_server(&[]);
     let clients = ["--clients=8", "--conns=2"];
     for (args, workload) in [
         (&["put", "--total=300"][..], "put"),
@@ -294,6 +296,50 @@ fn the_null_server_answers_kvbench_and_etcdctl() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(&format!("cannot listen on {}", server.endpoint)),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_syncing_null_server_appends_every_acknowledged_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("puts");
+    let server = start_null_server(&[&format!("--fsync-file={}", file.display())]);
+    let args = [
+        "--clients=8",
+        "--conns=2",
+        "put",
+        "--total=300",
+        "--key-size=16",
+        "--val-size=100",
+    ];
+    check(&kvbench(&server, &args), "put", 300);
+    // Each acknowledged put's key and value are in the file.
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 300 * (16 + 100));
+    let output = Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", server.endpoint))
+        .args(["put", "durable-key", "durable-value"])
+        .output()
+        .expect("run etcdctl");
+    assert!(output.status.success(), "{output:?}");
+    let contents = std::fs::read(&file).unwrap();
+    assert!(contents.ends_with(b"durable-keydurable-value"));
+
+    // A file it cannot create is named in the error.
+    let missing = dir.path().join("no-such-dir").join("puts");
+    let output = Command::new(KVBENCH)
+        .args([
+            "null-server",
+            &format!("--listen=127.0.0.1:{}", free_port()),
+            &format!("--fsync-file={}", missing.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot create {}", missing.display())),
         "{stderr}"
     );
 }
