@@ -153,7 +153,8 @@ fn server_config(files: &TlsFiles, options: &TlsOptions) -> Result<ServerConfig,
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&options.versions()?)
         .map_err(|e| format!("TLS: {e}"))?;
-    let builder = if files.client_cert_auth {
+    // As etcd's: a trusted CA file alone also makes client certificates required.
+    let builder = if files.client_cert_auth || files.trusted_ca_file.is_some() {
         let ca = files.trusted_ca_file.as_deref().ok_or_else(|| {
             "client certificate authentication needs a trusted CA file (--trusted-ca-file or --peer-trusted-ca-file)".to_string()
         })?;

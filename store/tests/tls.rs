@@ -120,16 +120,25 @@ struct Kvstore {
 
 impl Kvstore {
     fn start(data_dir: &Path, args: &[String]) -> Kvstore {
+        Kvstore::start_binary(env!("CARGO_BIN_EXE_kvstore"), data_dir, args)
+    }
+
+    /// Starts `binary` (kvstore, or Debian's etcd to compare with).
+    fn start_binary(binary: &str, data_dir: &Path, args: &[String]) -> Kvstore {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("kvstore.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+        let mut command = Command::new(binary);
+        if binary == common::ETCD {
+            command.env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+        }
+        let child = command
             .arg(format!("--data-dir={}", data_dir.display()))
             .args(args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("log"))
             .stderr(std::fs::File::create(dir.path().join("stderr.log")).expect("log"))
             .spawn()
-            .expect("spawn kvstore");
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
         Kvstore {
             child,
             log,
@@ -216,13 +225,24 @@ fn start_https(
     extra: &[String],
     probe: &[String],
 ) -> (Kvstore, String) {
+    start_https_binary(env!("CARGO_BIN_EXE_kvstore"), pki, data_dir, extra, probe)
+}
+
+fn start_https_binary(
+    binary: &str,
+    pki: &Pki,
+    data_dir: &Path,
+    extra: &[String],
+    probe: &[String],
+) -> (Kvstore, String) {
     let port = free_port();
     let mut flags = vec![
         format!("--cert-file={}", arg(&pki.server.0)),
         format!("--key-file={}", arg(&pki.server.1)),
     ];
     flags.extend_from_slice(extra);
-    let server = Kvstore::start(data_dir, &single_member_args("https", port, &flags));
+    let server =
+        Kvstore::start_binary(binary, data_dir, &single_member_args("https", port, &flags));
     let endpoint = format!("https://127.0.0.1:{port}");
     assert!(
         wait_until(Duration::from_secs(20), || healthy(&endpoint, probe)),
@@ -284,17 +304,7 @@ fn server_tls_and_mutual_tls_with_etcdctl() {
         etcdctl(&endpoint, &with_cert, &["get", "k", "--print-value-only"]),
         "v\nexit=0"
     );
-    let out = etcdctl(&endpoint, &trusted, &["get", "k"]);
-    assert!(!out.ends_with("exit=0"), "no client certificate: {out}");
-    let out = etcdctl(
-        &endpoint,
-        &client_tls(&pki, &pki.ca, Some(&pki.foreign_client)),
-        &["get", "k"],
-    );
-    assert!(
-        !out.ends_with("exit=0"),
-        "foreign client certificate: {out}"
-    );
+    refuses_clients_without_a_trusted_certificate(&pki, &endpoint, "kvstore");
 
     // With auth enabled, the certificate's CommonName names the user.
     for args in [
@@ -311,6 +321,46 @@ fn server_tls_and_mutual_tls_with_etcdctl() {
         "CN root acts as root"
     );
     assert!(etcdctl(&endpoint, &with_cert, &["user", "list"]).contains("root"));
+}
+
+/// A client with no certificate, and one with a certificate from another CA, read
+/// nothing from `endpoint` (which holds k = v).
+fn refuses_clients_without_a_trusted_certificate(pki: &Pki, endpoint: &str, server: &str) {
+    for (who, pair) in [
+        ("no client certificate", None),
+        ("a foreign client certificate", Some(&pki.foreign_client)),
+    ] {
+        let out = etcdctl(endpoint, &client_tls(pki, &pki.ca, pair), &["get", "k"]);
+        assert!(
+            !out.ends_with("exit=0") && !out.contains("\nv\n"),
+            "{server} served a client with {who}: {out}"
+        );
+    }
+}
+
+/// etcd requires client certificates from the trusted CA as soon as
+/// `--trusted-ca-file` is given, with or without `--client-cert-auth`; so does kvstore.
+#[test]
+fn a_trusted_ca_alone_requires_client_certificates_as_in_etcd() {
+    let pki = Pki::new();
+    let with_cert = client_tls(&pki, &pki.ca, Some(&pki.client));
+    for binary in [env!("CARGO_BIN_EXE_kvstore"), common::ETCD] {
+        let data = tempfile::tempdir().expect("temp dir");
+        let (server, endpoint) = start_https_binary(
+            binary,
+            &pki,
+            &data.path().join("d"),
+            &[format!("--trusted-ca-file={}", arg(&pki.ca))],
+            &with_cert,
+        );
+        assert_eq!(
+            etcdctl(&endpoint, &with_cert, &["put", "k", "v"]),
+            "OK\nexit=0",
+            "{binary}"
+        );
+        refuses_clients_without_a_trusted_certificate(&pki, &endpoint, binary);
+        drop(server);
+    }
 }
 
 #[test]
