@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use connect::Conn;
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::lease_client::LeaseClient;
 use kvstore::pb::etcdserverpb::request_op::Request as Op;
@@ -20,8 +21,8 @@ use kvstore::pb::etcdserverpb::{
     WatchCreateRequest, WatchRequest,
 };
 use serde::Serialize;
-use tonic::transport::Channel;
 
+mod connect;
 mod null_server;
 
 #[derive(Parser)]
@@ -56,6 +57,8 @@ struct Common {
     /// Print one JSON object instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    security: connect::Security,
 }
 
 /// How much load a request workload sends.
@@ -110,9 +113,9 @@ enum Workload {
     Range {
         #[command(flatten)]
         load: Load,
-        /// The key read.
+        /// The key read (--key is the TLS key, as in etcdctl).
         #[arg(long, default_value = "kvbench/range")]
-        key: String,
+        range_key: String,
         /// Value size of the key read.
         #[arg(long, default_value_t = 8)]
         val_size: usize,
@@ -206,24 +209,8 @@ fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     }
 }
 
-async fn connect(common: &Common) -> Result<Vec<Channel>> {
-    let mut channels = Vec::new();
-    for index in 0..common.conns as usize {
-        let endpoint = &common.endpoints[index % common.endpoints.len()];
-        let url = if endpoint.contains("://") {
-            endpoint.clone()
-        } else {
-            format!("http://{endpoint}")
-        };
-        let channel = Channel::from_shared(url.clone())
-            .with_context(|| format!("bad endpoint {endpoint}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {url}"))?;
-        channels.push(channel);
-    }
-    Ok(channels)
+async fn connect(common: &Common) -> Result<Vec<Conn>> {
+    connect::connect(&common.endpoints, common.conns as usize, &common.security).await
 }
 
 fn padded(number: u64, size: usize) -> Vec<u8> {
@@ -423,7 +410,7 @@ where
 
 async fn put(common: &Common, load: Load, keys: Keys) -> Result<Report> {
     let channels = connect(common).await?;
-    let kvs: Vec<KvClient<Channel>> = channels.into_iter().map(KvClient::new).collect();
+    let kvs: Vec<KvClient<Conn>> = channels.into_iter().map(KvClient::new).collect();
     let value = vec![b'v'; keys.val_size];
     run_requests(common, load, "put", move |client, number, random| {
         let mut kv = kvs[client % kvs.len()].clone();
@@ -445,7 +432,7 @@ async fn range(
     consistency: Consistency,
 ) -> Result<Report> {
     let channels = connect(common).await?;
-    let mut kvs: Vec<KvClient<Channel>> = channels.into_iter().map(KvClient::new).collect();
+    let mut kvs: Vec<KvClient<Conn>> = channels.into_iter().map(KvClient::new).collect();
     kvs[0]
         .put(PutRequest {
             key: key.clone().into_bytes(),
@@ -476,7 +463,7 @@ async fn range(
 
 async fn txn_put(common: &Common, load: Load, keys: Keys, txn_ops: u64) -> Result<Report> {
     let channels = connect(common).await?;
-    let kvs: Vec<KvClient<Channel>> = channels.into_iter().map(KvClient::new).collect();
+    let kvs: Vec<KvClient<Conn>> = channels.into_iter().map(KvClient::new).collect();
     let value = vec![b'v'; keys.val_size];
     run_requests(common, load, "txn-put", move |client, number, random| {
         let mut kv = kvs[client % kvs.len()].clone();
@@ -691,10 +678,10 @@ async fn main() {
         Workload::Put { load, keys } => put(common, load, keys).await,
         Workload::Range {
             load,
-            key,
+            range_key,
             val_size,
             consistency,
-        } => range(common, load, key, val_size, consistency).await,
+        } => range(common, load, range_key, val_size, consistency).await,
         Workload::TxnPut {
             load,
             keys,

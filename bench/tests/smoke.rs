@@ -46,11 +46,75 @@ impl Drop for Server {
 }
 
 fn start(binary: &Path) -> Server {
+    start_secured(binary, None)
+}
+
+/// A CA and one certificate it signed for 127.0.0.1 (CommonName root), which a
+/// server and a client can both use.
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "root");
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("node.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("node-key.pem"), key.serialize_pem()).unwrap();
+        Certs { dir }
+    }
+
+    fn flag(&self, name: &str, file: &str) -> String {
+        format!("--{name}={}", self.dir.path().join(file).display())
+    }
+
+    /// etcdctl's and kvbench's flags: the CA, and the client certificate if `mutual`.
+    fn client_flags(&self, mutual: bool) -> Vec<String> {
+        let mut flags = vec![self.flag("cacert", "ca.pem")];
+        if mutual {
+            flags.push(self.flag("cert", "node.pem"));
+            flags.push(self.flag("key", "node-key.pem"));
+        }
+        flags
+    }
+}
+
+/// Starts `binary`; with `tls`, its client port serves https with the certificate,
+/// and with `tls.1` (mutual) it also requires a client certificate from the CA.
+fn start_secured(binary: &Path, tls: Option<(&Certs, bool)>) -> Server {
     assert!(
         binary.exists(),
         "{} is missing: run scripts/deps",
         binary.display()
     );
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut server_flags = Vec::new();
+    let mut etcdctl_flags = Vec::new();
+    if let Some((certs, mutual)) = tls {
+        server_flags.push(certs.flag("cert-file", "node.pem"));
+        server_flags.push(certs.flag("key-file", "node-key.pem"));
+        // A trusted CA alone makes etcd require client certificates.
+        if mutual {
+            server_flags.push(certs.flag("trusted-ca-file", "ca.pem"));
+            server_flags.push("--client-cert-auth".to_string());
+        }
+        etcdctl_flags = certs.client_flags(mutual);
+    }
     // A port chosen free may be taken by another test before the server binds it:
     // a server that exits before it is healthy is started again on new ports.
     for _attempt in 0..5 {
@@ -60,24 +124,34 @@ fn start(binary: &Path) -> Server {
         let mut child = Command::new(binary)
             .arg("--name=bench")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
-            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+            .arg(format!(
+                "--listen-client-urls={scheme}://127.0.0.1:{client}"
+            ))
+            .arg(format!(
+                "--advertise-client-urls={scheme}://127.0.0.1:{client}"
+            ))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
             .arg(format!(
                 "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
             ))
             .arg(format!("--initial-cluster=bench=http://127.0.0.1:{peer}"))
+            .args(&server_flags)
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start the server");
-        let endpoint = format!("127.0.0.1:{client}");
+        let endpoint = match tls {
+            Some(_) => format!("https://127.0.0.1:{client}"),
+            None => format!("127.0.0.1:{client}"),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let health = Command::new(ETCDCTL)
                 .env("ETCDCTL_API", "3")
-                .args([&format!("--endpoints={endpoint}"), "endpoint", "health"])
+                .arg(format!("--endpoints={endpoint}"))
+                .args(&etcdctl_flags)
+                .args(["endpoint", "health"])
                 .output()
                 .expect("run etcdctl");
             if health.status.success() {
@@ -104,7 +178,7 @@ fn start(binary: &Path) -> Server {
 }
 
 /// Runs kvbench with `--json`; its report.
-fn kvbench(server: &Server, args: &[&str]) -> Value {
+fn kvbench<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(server: &Server, args: &[S]) -> Value {
     let output = Command::new(KVBENCH)
         .arg(format!("--endpoints={}", server.endpoint))
         .arg("--json")
@@ -342,4 +416,170 @@ fn the_syncing_null_server_appends_every_acknowledged_put() {
         stderr.contains(&format!("cannot create {}", missing.display())),
         "{stderr}"
     );
+}
+
+/// Runs kvbench without `--json`; its exit status and stderr.
+fn kvbench_fails(server: &Server, args: &[String]) -> String {
+    let output = Command::new(KVBENCH)
+        .arg(format!("--endpoints={}", server.endpoint))
+        .args(args)
+        .output()
+        .expect("run kvbench");
+    assert!(!output.status.success(), "kvbench {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn etcdctl_with(server: &Server, flags: &[String], args: &[&str]) {
+    let output = Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", server.endpoint))
+        .args(flags)
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    assert!(output.status.success(), "etcdctl {args:?}: {output:?}");
+}
+
+/// kvbench against an https endpoint with etcd's authentication on: it needs the CA,
+/// and a token from --user for every request, streams included.
+fn tls_and_auth(binary: &Path) {
+    let certs = Certs::new();
+    let server = start_secured(binary, Some((&certs, false)));
+    let tls = certs.client_flags(false);
+    let with = |extra: &[&str]| -> Vec<String> {
+        tls.iter()
+            .cloned()
+            .chain(extra.iter().map(|arg| arg.to_string()))
+            .collect()
+    };
+    let stderr = kvbench_fails(&server, &["put".to_string(), "--total=10".to_string()]);
+    assert!(
+        stderr.contains("https endpoints need --cacert (or --insecure-skip-tls-verify)"),
+        "{stderr}"
+    );
+    check(
+        &kvbench(
+            &server,
+            &["--insecure-skip-tls-verify", "put", "--total=20"],
+        ),
+        "put",
+        20,
+    );
+    let args = with(&["--clients=4", "put", "--total=100"]);
+    check(&kvbench(&server, &args), "put", 100);
+
+    etcdctl_with(
+        &server,
+        &tls,
+        &["user", "add", "root", "--new-user-password=secret"],
+    );
+    etcdctl_with(&server, &tls, &["auth", "enable"]);
+
+    let stderr = kvbench_fails(&server, &with(&["put", "--total=10"]));
+    assert!(
+        stderr.contains("etcdserver: user name is empty"),
+        "{stderr}"
+    );
+    let stderr = kvbench_fails(&server, &with(&["--user=root:wrong", "put", "--total=10"]));
+    assert!(
+        stderr.contains(
+            "cannot authenticate as root: etcdserver: authentication failed, invalid user ID or password"
+        ),
+        "{stderr}"
+    );
+    let stderr = kvbench_fails(&server, &with(&["--user=root", "put", "--total=10"]));
+    assert!(stderr.contains("--user root needs a password"), "{stderr}");
+
+    for (extra, workload, operations) in [
+        (
+            &["--user=root:secret", "--clients=4", "put", "--total=200"][..],
+            "put",
+            200,
+        ),
+        (
+            &[
+                "--user=root",
+                "--password=secret",
+                "--clients=4",
+                "range",
+                "--total=100",
+            ][..],
+            "range-l",
+            100,
+        ),
+        (
+            &[
+                "--user=root:secret",
+                "watch",
+                "--watchers=4",
+                "--puts=5",
+                "--put-rate=100",
+            ][..],
+            "watch",
+            20,
+        ),
+        (
+            &[
+                "--user=root:secret",
+                "--clients=2",
+                "lease-keepalive",
+                "--total=50",
+            ][..],
+            "lease-keepalive",
+            50,
+        ),
+    ] {
+        let args = with(extra);
+        check(&kvbench(&server, &args), workload, operations);
+    }
+}
+
+#[test]
+fn tls_and_auth_against_kvstore() {
+    tls_and_auth(&kvstore_binary());
+}
+
+#[test]
+fn tls_and_auth_against_etcd() {
+    tls_and_auth(Path::new(ETCD));
+}
+
+/// kvbench against an endpoint that requires a client certificate.
+fn mutual_tls(binary: &Path) {
+    let certs = Certs::new();
+    let server = start_secured(binary, Some((&certs, true)));
+    let mutual = certs.client_flags(true);
+    let args: Vec<String> = mutual
+        .iter()
+        .cloned()
+        .chain(["--clients=4", "put", "--total=100"].map(String::from))
+        .collect();
+    check(&kvbench(&server, &args), "put", 100);
+    // Without the client certificate every request fails.
+    let args: Vec<String> = certs
+        .client_flags(false)
+        .into_iter()
+        .chain(["put", "--total=10"].map(String::from))
+        .collect();
+    kvbench_fails(&server, &args);
+    // --cert without --key is refused before connecting.
+    let stderr = kvbench_fails(
+        &server,
+        &[
+            certs.flag("cacert", "ca.pem"),
+            certs.flag("cert", "node.pem"),
+            "put".to_string(),
+        ],
+    );
+    assert!(stderr.contains("--key"), "{stderr}");
+}
+
+#[test]
+fn mutual_tls_against_kvstore() {
+    mutual_tls(&kvstore_binary());
+}
+
+#[test]
+fn mutual_tls_against_etcd() {
+    mutual_tls(Path::new(ETCD));
 }

@@ -1,6 +1,7 @@
 //! TLS with rustls, configured from etcd's flags: the server side of the client and
 //! peer listeners (certificates re-read when they change on disk), the client side of
-//! calls to peers, and self-signed certificates for `--auto-tls`/`--peer-auto-tls`.
+//! calls to peers (and of kvbench's calls), and self-signed certificates for
+//! `--auto-tls`/`--peer-auto-tls`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -252,7 +253,7 @@ impl ServerTls {
 
 /// The client side for calls to peers: verifies the peer against the trusted CA (or
 /// not at all with self-signed certificates, as etcd's auto TLS) and presents this
-/// member's certificate.
+/// member's certificate (none when `cert_file` is empty).
 pub fn client_config(files: &TlsFiles, options: &TlsOptions) -> Result<ClientConfig, String> {
     let provider = options.provider()?;
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -264,11 +265,55 @@ pub fn client_config(files: &TlsFiles, options: &TlsOptions) -> Result<ClientCon
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
     };
-    let mut config = builder
-        .with_client_auth_cert(load_certs(&files.cert_file)?, load_key(&files.key_file)?)
-        .map_err(|e| format!("{}: {e}", files.key_file.display()))?;
+    let mut config = if files.cert_file.as_os_str().is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        builder
+            .with_client_auth_cert(load_certs(&files.cert_file)?, load_key(&files.key_file)?)
+            .map_err(|e| format!("{}: {e}", files.key_file.display()))?
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// A connector for tonic's `Endpoint::connect_with_connector`: TCP, then TLS with
+/// `tls`, to the host and port of the URI, within `timeout`. The endpoint itself is
+/// given as http, so the TLS here works whatever TLS support tonic was built with.
+pub fn connector(
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future: Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |uri: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let connect = async {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from(host.clone()).map_err(std::io::Error::other)?;
+                tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await
+            };
+            let stream = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    })
 }
 
 /// Accepts any server certificate (signatures still checked): etcd's auto TLS peers

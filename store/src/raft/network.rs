@@ -171,33 +171,7 @@ pub fn peer_channel(url: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result
         .map_err(|e| bad_url(&e))?
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let connector = tower::service_fn(move |uri: http::Uri| {
-        let tls = tls.clone();
-        async move {
-            let host = uri
-                .host()
-                .unwrap_or_default()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            let connect = async {
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                tcp.set_nodelay(true)?;
-                let name = rustls::pki_types::ServerName::try_from(host.clone())
-                    .map_err(std::io::Error::other)?;
-                tokio_rustls::TlsConnector::from(tls)
-                    .connect(name, tcp)
-                    .await
-            };
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    });
+    let connector = crate::tls::connector(tls, CONNECT_TIMEOUT);
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
