@@ -45,7 +45,7 @@ pub struct Security {
 }
 
 /// The auth token (if any) that goes with every request, as metadata `token`.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Token(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Token {
@@ -86,10 +86,9 @@ pub async fn connect(endpoints: &[String], conns: usize, security: &Security) ->
 async fn open(endpoint: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Channel> {
     if let Some(rest) = endpoint.strip_prefix("https://") {
         let tls = tls.expect("a TLS configuration is made when an endpoint is https");
-        // The channel is told http: the connector does the TLS.
+        // The channel is told http: the connector does the TLS (and sets TCP_NODELAY).
         return Channel::from_shared(format!("http://{rest}"))
             .with_context(|| format!("bad endpoint {endpoint}"))?
-            .tcp_nodelay(true)
             .connect_with_connector(kvstore::tls::connector(tls, TLS_CONNECT_TIMEOUT))
             .await
             .with_context(|| format!("cannot connect to {endpoint}"));

@@ -418,8 +418,20 @@ fn the_syncing_null_server_appends_every_acknowledged_put() {
     );
 }
 
-/// Runs kvbench without `--json`; its exit status and stderr.
-fn kvbench_fails(server: &Server, args: &[String]) -> String {
+/// `flags` followed by `extra`, as one argument list.
+fn joined(flags: &[String], extra: &[&str]) -> Vec<String> {
+    flags
+        .iter()
+        .cloned()
+        .chain(extra.iter().map(|arg| arg.to_string()))
+        .collect()
+}
+
+/// Runs kvbench, which must fail; its stderr.
+fn kvbench_fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    server: &Server,
+    args: &[S],
+) -> String {
     let output = Command::new(KVBENCH)
         .arg(format!("--endpoints={}", server.endpoint))
         .args(args)
@@ -446,13 +458,8 @@ fn tls_and_auth(binary: &Path) {
     let certs = Certs::new();
     let server = start_secured(binary, Some((&certs, false)));
     let tls = certs.client_flags(false);
-    let with = |extra: &[&str]| -> Vec<String> {
-        tls.iter()
-            .cloned()
-            .chain(extra.iter().map(|arg| arg.to_string()))
-            .collect()
-    };
-    let stderr = kvbench_fails(&server, &["put".to_string(), "--total=10".to_string()]);
+    let with = |extra: &[&str]| joined(&tls, extra);
+    let stderr = kvbench_fails(&server, &["put", "--total=10"]);
     assert!(
         stderr.contains("https endpoints need --cacert (or --insecure-skip-tls-verify)"),
         "{stderr}"
@@ -548,28 +555,26 @@ fn tls_and_auth_against_etcd() {
 fn mutual_tls(binary: &Path) {
     let certs = Certs::new();
     let server = start_secured(binary, Some((&certs, true)));
-    let mutual = certs.client_flags(true);
-    let args: Vec<String> = mutual
-        .iter()
-        .cloned()
-        .chain(["--clients=4", "put", "--total=100"].map(String::from))
-        .collect();
+    let args = joined(
+        &certs.client_flags(true),
+        &["--clients=4", "put", "--total=100"],
+    );
     check(&kvbench(&server, &args), "put", 100);
     // Without the client certificate every request fails.
-    let args: Vec<String> = certs
-        .client_flags(false)
-        .into_iter()
-        .chain(["put", "--total=10"].map(String::from))
-        .collect();
-    kvbench_fails(&server, &args);
+    kvbench_fails(
+        &server,
+        &joined(&certs.client_flags(false), &["put", "--total=10"]),
+    );
     // --cert without --key is refused before connecting.
     let stderr = kvbench_fails(
         &server,
-        &[
-            certs.flag("cacert", "ca.pem"),
-            certs.flag("cert", "node.pem"),
-            "put".to_string(),
-        ],
+        &joined(
+            &[
+                certs.flag("cacert", "ca.pem"),
+                certs.flag("cert", "node.pem"),
+            ],
+            &["put"],
+        ),
     );
     assert!(stderr.contains("--key"), "{stderr}");
 }

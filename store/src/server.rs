@@ -439,6 +439,12 @@ fn is_serializable(request: &TxnRequest) -> bool {
         })
 }
 
+/// The Raft term, from openraft's server metrics: the term of the vote this member
+/// holds (a member learns a term through a vote or a leader, both in its vote).
+fn current_term(metrics: &openraft::metrics::RaftServerMetrics<u64, BasicNode>) -> u64 {
+    metrics.vote.leader_id().get_term()
+}
+
 /// Keeps lease deadlines with the leader: a member that becomes leader gives every
 /// lease a full TTL plus an election timeout (as etcd's lessor Promote does), one that
 /// stops leading forgets them. Ends with the server. Watches the server metrics,
@@ -454,7 +460,7 @@ async fn follow_leadership(server: std::sync::Weak<EtcdServer>) {
             let current = metrics.borrow_and_update();
             (
                 current.state,
-                current.vote.leader_id().get_term(),
+                current_term(&current),
                 current.current_leader,
             )
         };
@@ -839,13 +845,7 @@ impl EtcdServer {
             cluster_id: self.identity.cluster_id,
             member_id: self.identity.member_id,
             revision,
-            raft_term: self
-                .raft
-                .server_metrics()
-                .borrow()
-                .vote
-                .leader_id()
-                .get_term(),
+            raft_term: current_term(&self.raft.server_metrics().borrow()),
         })
     }
 
