@@ -1,6 +1,8 @@
 //! Connections to the endpoints under test: plain or TLS (https endpoints, with
 //! etcdctl's `--cacert`, `--cert`, `--key` and `--insecure-skip-tls-verify`), and
-//! with etcd's authentication (`--user`, `--password`) a token on every request.
+//! with etcd's authentication (`--user`, `--password`) a token on every request;
+//! `--dial-timeout` bounds each connection, and `--target-leader` sends the load to
+//! the leader (as etcd's benchmark does).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,16 +11,20 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use kvstore::pb::etcdserverpb::auth_client::AuthClient;
-use kvstore::pb::etcdserverpb::AuthenticateRequest;
+use kvstore::pb::etcdserverpb::cluster_client::ClusterClient;
+use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
+use kvstore::pb::etcdserverpb::{AuthenticateRequest, MemberListRequest, StatusRequest};
 use kvstore::tls::{TlsFiles, TlsOptions};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-/// How long a TLS connection may take to set up.
-const TLS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection with requests in flight may be silent before it is pinged.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to reach a secured cluster; the flags are etcdctl's.
 #[derive(Args)]
@@ -60,36 +66,155 @@ impl Interceptor for Token {
 /// One connection to an endpoint, with the token.
 pub type Conn = InterceptedService<Channel, Token>;
 
-/// Opens `conns` connections round robin over `endpoints` (host:port, or http and
-/// https URLs), then authenticates once if `--user` is given.
-pub async fn connect(endpoints: &[String], conns: usize, security: &Security) -> Result<Vec<Conn>> {
-    let tls = if endpoints.iter().any(|e| e.starts_with("https://")) {
-        Some(Arc::new(security.tls_config()?))
-    } else {
-        None
-    };
-    let mut channels = Vec::with_capacity(conns);
-    for index in 0..conns {
-        let endpoint = &endpoints[index % endpoints.len()];
-        channels.push(open(endpoint, tls.clone()).await?);
-    }
-    let token = match &security.user {
-        Some(user) => Token(Some(security.authenticate(user, &channels[0]).await?)),
-        None => Token(None),
-    };
-    Ok(channels
-        .into_iter()
-        .map(|channel| InterceptedService::new(channel, token.clone()))
-        .collect())
+/// Where the load goes and how long a connection may take; the flags are etcdctl's
+/// and etcd's benchmark's.
+#[derive(Args)]
+pub struct Dial {
+    /// How long each connection may take to open, as a duration (2s, 500ms); 0 waits
+    /// as long as the system does.
+    #[arg(long, global = true, default_value = "2s", value_parser = kvstore::config::parse_duration)]
+    dial_timeout: Duration,
+    /// Send all load to the leader: ask the endpoints which member leads and connect
+    /// to that member's client URLs instead.
+    #[arg(long, global = true)]
+    target_leader: bool,
 }
 
-async fn open(endpoint: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Channel> {
+/// Opens `conns` connections round robin over `endpoints` (host:port, or http and
+/// https URLs), or over the leader's client URLs with `--target-leader`, and
+/// authenticates once if `--user` is given.
+pub async fn connect(
+    endpoints: &[String],
+    conns: usize,
+    dial: &Dial,
+    security: &Security,
+) -> Result<Vec<Conn>> {
+    let tls = TlsOnce::default();
+    let token = match &security.user {
+        Some(user) => {
+            let channel = dial.open(&endpoints[0], &tls, security).await?;
+            Token(Some(security.authenticate(user, &channel).await?))
+        }
+        None => Token(None),
+    };
+    let targets = if dial.target_leader {
+        dial.leader_urls(endpoints, &tls, security, &token).await?
+    } else {
+        endpoints.to_vec()
+    };
+    let mut connections = Vec::with_capacity(conns);
+    for index in 0..conns {
+        let channel = dial
+            .open(&targets[index % targets.len()], &tls, security)
+            .await?;
+        connections.push(InterceptedService::new(channel, token.clone()));
+    }
+    Ok(connections)
+}
+
+/// The TLS configuration, made from the flags when the first https endpoint is met.
+#[derive(Default)]
+struct TlsOnce(std::sync::OnceLock<Arc<rustls::ClientConfig>>);
+
+impl TlsOnce {
+    fn get(&self, security: &Security) -> Result<Arc<rustls::ClientConfig>> {
+        if let Some(config) = self.0.get() {
+            return Ok(config.clone());
+        }
+        let config = Arc::new(security.tls_config()?);
+        Ok(self.0.get_or_init(|| config).clone())
+    }
+}
+
+impl Dial {
+    /// Opens one connection to `endpoint` and waits for the server's first answer
+    /// (to a Status request; any answer, even an error, shows it is there), giving up
+    /// after `--dial-timeout`.
+    async fn open(&self, endpoint: &str, tls: &TlsOnce, security: &Security) -> Result<Channel> {
+        let opening = async {
+            let channel = open(endpoint, tls, security).await?;
+            let _ = MaintenanceClient::new(channel.clone())
+                .status(StatusRequest {})
+                .await;
+            anyhow::Ok(channel)
+        };
+        if self.dial_timeout.is_zero() {
+            return opening.await;
+        }
+        match tokio::time::timeout(self.dial_timeout, opening).await {
+            Ok(opened) => opened,
+            Err(_) => bail!(
+                "cannot connect to {endpoint}: no answer within --dial-timeout {:?}",
+                self.dial_timeout
+            ),
+        }
+    }
+
+    /// The leader's client URLs: the first endpoint that answers Status names the
+    /// leader, and the member list gives its URLs.
+    async fn leader_urls(
+        &self,
+        endpoints: &[String],
+        tls: &TlsOnce,
+        security: &Security,
+        token: &Token,
+    ) -> Result<Vec<String>> {
+        let mut failures = Vec::new();
+        for endpoint in endpoints {
+            let asked = async {
+                let channel = self.open(endpoint, tls, security).await?;
+                let channel = InterceptedService::new(channel, token.clone());
+                let status = MaintenanceClient::new(channel.clone())
+                    .status(StatusRequest {})
+                    .await
+                    .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+                    .into_inner();
+                let members = ClusterClient::new(channel)
+                    .member_list(MemberListRequest::default())
+                    .await
+                    .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+                    .into_inner()
+                    .members;
+                anyhow::Ok((status.leader, members))
+            };
+            match asked.await {
+                Ok((0, _)) => failures.push(format!("{endpoint}: no leader")),
+                Ok((leader, members)) => {
+                    let Some(member) = members.into_iter().find(|m| m.id == leader) else {
+                        failures.push(format!("{endpoint}: leader {leader:x} is not a member"));
+                        continue;
+                    };
+                    if member.client_ur_ls.is_empty() {
+                        bail!("the leader {} ({leader:x}) has no client URLs", member.name);
+                    }
+                    eprintln!(
+                        "kvbench: --target-leader: the leader is {} ({leader:x}) at {}",
+                        member.name,
+                        member.client_ur_ls.join(",")
+                    );
+                    return Ok(member.client_ur_ls);
+                }
+                Err(error) => failures.push(format!("{endpoint}: {error:#}")),
+            }
+        }
+        bail!(
+            "--target-leader: cannot find the leader ({})",
+            failures.join("; ")
+        )
+    }
+}
+
+/// Opens a connection to `endpoint` (unbounded: [`Dial::open`] bounds it). A server
+/// that stops answering HTTP/2 pings fails the requests in flight on it, so a hung
+/// server ends a run with errors rather than stalling it.
+async fn open(endpoint: &str, tls: &TlsOnce, security: &Security) -> Result<Channel> {
     if let Some(rest) = endpoint.strip_prefix("https://") {
-        let tls = tls.expect("a TLS configuration is made when an endpoint is https");
+        let tls = tls.get(security)?;
         // The channel is told http: the connector does the TLS (and sets TCP_NODELAY).
-        return Channel::from_shared(format!("http://{rest}"))
-            .with_context(|| format!("bad endpoint {endpoint}"))?
-            .connect_with_connector(kvstore::tls::connector(tls, TLS_CONNECT_TIMEOUT))
+        let channel = Channel::from_shared(format!("http://{rest}"))
+            .with_context(|| format!("bad endpoint {endpoint}"))?;
+        return keep_alive(channel)
+            .connect_with_connector(kvstore::tls::connector(tls, Duration::MAX))
             .await
             .with_context(|| format!("cannot connect to {endpoint}"));
     }
@@ -98,12 +223,22 @@ async fn open(endpoint: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Result<
     } else {
         format!("http://{endpoint}")
     };
-    Channel::from_shared(url.clone())
-        .with_context(|| format!("bad endpoint {endpoint}"))?
+    let channel =
+        Channel::from_shared(url.clone()).with_context(|| format!("bad endpoint {endpoint}"))?;
+    keep_alive(channel)
         .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| format!("cannot connect to {url}"))
+}
+
+/// Pings a connection that has requests in flight and has been silent for
+/// [`KEEPALIVE_INTERVAL`]; no answer within [`KEEPALIVE_TIMEOUT`] closes it. Slower than
+/// etcd's default minimum ping interval (5 s), so etcd does not refuse the pings.
+fn keep_alive(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
 }
 
 impl Security {

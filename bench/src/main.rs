@@ -58,6 +58,8 @@ struct Common {
     #[arg(long, global = true)]
     json: bool,
     #[command(flatten)]
+    dial: connect::Dial,
+    #[command(flatten)]
     security: connect::Security,
 }
 
@@ -210,7 +212,13 @@ fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
 }
 
 async fn connect(common: &Common) -> Result<Vec<Conn>> {
-    connect::connect(&common.endpoints, common.conns as usize, &common.security).await
+    connect::connect(
+        &common.endpoints,
+        common.conns as usize,
+        &common.dial,
+        &common.security,
+    )
+    .await
 }
 
 fn padded(number: u64, size: usize) -> Vec<u8> {

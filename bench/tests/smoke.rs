@@ -588,3 +588,193 @@ fn mutual_tls_against_kvstore() {
 fn mutual_tls_against_etcd() {
     mutual_tls(Path::new(ETCD));
 }
+
+#[test]
+fn a_silent_endpoint_fails_within_the_dial_timeout() {
+    // The kernel accepts connections to it, but nothing ever answers.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    for endpoint in [
+        format!("127.0.0.1:{port}"),
+        format!("https://127.0.0.1:{port}"),
+    ] {
+        let started = Instant::now();
+        let output = Command::new(KVBENCH)
+            .arg(format!("--endpoints={endpoint}"))
+            .args(["--insecure-skip-tls-verify", "--dial-timeout=300ms"])
+            .args(["put", "--total=1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "cannot connect to {endpoint}: no answer within --dial-timeout 300ms"
+            )),
+            "{stderr}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
+    }
+    let output = Command::new(KVBENCH)
+        .args(["--dial-timeout=2x", "put"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("invalid value '2x' for '--dial-timeout"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Starts a three-member cluster of `binary` on loopback; its members once they agree
+/// on a leader, with that leader's member ID.
+fn start_cluster(binary: &Path) -> (Vec<Server>, u64) {
+    'attempt: for _attempt in 0..5 {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(n, (_, peer))| format!("m{n}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (n, (client, peer)) in ports.iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+            let child = Command::new(binary)
+                .arg(format!("--name=m{n}"))
+                .arg(format!("--data-dir={}", dir.path().join("data").display()))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--advertise-client-urls=http://127.0.0.1:{client}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+                ))
+                .arg(format!("--initial-cluster={initial_cluster}"))
+                .arg("--initial-cluster-token=kvbench-leader")
+                .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start a member");
+            members.push(Server {
+                child,
+                endpoint: format!("127.0.0.1:{client}"),
+                _dir: dir,
+            });
+        }
+        let endpoints = members
+            .iter()
+            .map(|m| m.endpoint.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if members
+                .iter_mut()
+                .any(|m| matches!(m.child.try_wait(), Ok(Some(_))))
+            {
+                continue 'attempt;
+            }
+            if let Some(statuses) = endpoint_statuses(&endpoints) {
+                let leaders: Vec<u64> = statuses
+                    .iter()
+                    .map(|s| s["Status"]["leader"].as_u64().unwrap_or(0))
+                    .collect();
+                if leaders.len() == 3 && leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0])
+                {
+                    return (members, leaders[0]);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{}: no leader agreed within 30 s", binary.display());
+    }
+    panic!("{}: a member exited at start five times", binary.display());
+}
+
+/// `etcdctl endpoint status` of `endpoints` (comma separated), if every one answers.
+fn endpoint_statuses(endpoints: &str) -> Option<Vec<Value>> {
+    let status = Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .args(["endpoint", "status", "-w", "json"])
+        .output()
+        .expect("run etcdctl");
+    if !status.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&status.stdout).ok()
+}
+
+/// The member ID of the member at `endpoint`.
+fn member_id(endpoint: &str) -> u64 {
+    let statuses = endpoint_statuses(endpoint).expect("the member answers");
+    statuses[0]["Status"]["header"]["member_id"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The Put requests a member served, from its Prometheus metrics.
+fn puts_served(endpoint: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(endpoint).unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .lines()
+        .filter(|line| {
+            line.starts_with("grpc_server_handled_total{")
+                && line.contains("grpc_method=\"Put\"")
+                && line.contains("grpc_code=\"OK\"")
+        })
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+        .sum()
+}
+
+/// Given only a follower, `--target-leader` finds the leader and puts go to it alone.
+fn target_leader(binary: &Path) {
+    let (members, leader) = start_cluster(binary);
+    let (leaders, followers): (Vec<&Server>, Vec<&Server>) = members
+        .iter()
+        .partition(|member| member_id(&member.endpoint) == leader);
+    assert_eq!((leaders.len(), followers.len()), (1, 2));
+    let before: Vec<u64> = members.iter().map(|m| puts_served(&m.endpoint)).collect();
+    let output = Command::new(KVBENCH)
+        .arg(format!("--endpoints={}", followers[0].endpoint))
+        .args(["--target-leader", "--json", "--clients=4", "--conns=2"])
+        .args(["put", "--total=200"])
+        .output()
+        .expect("run kvbench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    check(
+        &serde_json::from_slice(&output.stdout).expect("one JSON report"),
+        "put",
+        200,
+    );
+    assert!(
+        stderr.contains(&format!("at http://{}", leaders[0].endpoint)),
+        "{stderr}"
+    );
+    for (member, before) in members.iter().zip(before) {
+        let served = puts_served(&member.endpoint) - before;
+        if member.endpoint == leaders[0].endpoint {
+            assert!(served >= 200, "the leader served {served} puts");
+        } else {
+            assert_eq!(served, 0, "follower {} served puts", member.endpoint);
+        }
+    }
+}
+
+#[test]
+fn target_leader_against_kvstore() {
+    target_leader(&kvstore_binary());
+}
+
+#[test]
+fn target_leader_against_etcd() {
+    target_leader(Path::new(ETCD));
+}
