@@ -5,6 +5,7 @@
 //! the leader (as etcd's benchmark does).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,17 +51,106 @@ pub struct Security {
     password: Option<String>,
 }
 
-/// The auth token (if any) that goes with every request, as metadata `token`.
-#[derive(Clone)]
-pub struct Token(Option<MetadataValue<Ascii>>);
+/// The auth token (if any) that goes with every request, as metadata `token`. When
+/// the server refuses it as expired or stale, [`Token::renew`] authenticates again,
+/// as etcd's client does, so runs outlive a token's TTL and auth changes.
+#[derive(Clone, Default)]
+pub struct Token(Arc<TokenState>);
+
+#[derive(Default)]
+struct TokenState {
+    current: std::sync::RwLock<Option<MetadataValue<Ascii>>>,
+    /// Counts renewals, so the clients refused the same token renew it once.
+    generation: AtomicU64,
+    renewing: tokio::sync::Mutex<()>,
+    login: Option<Login>,
+}
+
+/// Who authenticates, and where.
+struct Login {
+    name: String,
+    password: String,
+    channel: Channel,
+}
 
 impl Interceptor for Token {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = &self.0 {
+        if let Some(token) = &*self.0.current.read().expect("token lock") {
             request.metadata_mut().insert("token", token.clone());
         }
         Ok(request)
     }
+}
+
+impl Token {
+    /// Whether `status` refuses a token that authenticating again would replace:
+    /// expired or unknown, issued before an auth change, or missing (the errors etcd's
+    /// client renews on).
+    pub fn refused(&self, status: &Status) -> bool {
+        self.0.login.is_some()
+            && matches!(
+                status.message(),
+                "etcdserver: invalid auth token"
+                    | "etcdserver: revision of auth store is old"
+                    | "etcdserver: user name is empty"
+            )
+    }
+
+    /// The renewals so far; pass it to [`Token::renew`] after a refusal.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
+    }
+
+    /// Makes a request with `call`, and once more with a renewed token if the token
+    /// was refused.
+    pub async fn retried<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let generation = self.generation();
+        match call().await {
+            Err(status) if self.refused(&status) => {
+                self.renew(generation).await?;
+                call().await
+            }
+            result => result,
+        }
+    }
+
+    /// Authenticates again, unless another client did since it saw `seen`.
+    pub async fn renew(&self, seen: u64) -> Result<(), Status> {
+        let Some(login) = &self.0.login else {
+            return Ok(());
+        };
+        let _renewing = self.0.renewing.lock().await;
+        if self.generation() != seen {
+            return Ok(());
+        }
+        let token = authenticate(&login.channel, &login.name, &login.password).await?;
+        *self.0.current.write().expect("token lock") = Some(token);
+        self.0.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+/// A token for `name`.
+async fn authenticate(
+    channel: &Channel,
+    name: &str,
+    password: &str,
+) -> Result<MetadataValue<Ascii>, Status> {
+    let token = AuthClient::new(channel.clone())
+        .authenticate(AuthenticateRequest {
+            name: name.to_string(),
+            password: password.to_string(),
+        })
+        .await?
+        .into_inner()
+        .token;
+    token
+        .parse()
+        .map_err(|_| Status::internal(format!("the token for {name} is not valid metadata")))
 }
 
 /// One connection to an endpoint, with the token.
@@ -88,14 +178,14 @@ pub async fn connect(
     conns: usize,
     dial: &Dial,
     security: &Security,
-) -> Result<Vec<Conn>> {
+) -> Result<(Vec<Conn>, Token)> {
     let tls = TlsOnce::default();
     let token = match &security.user {
         Some(user) => {
             let channel = dial.open(&endpoints[0], &tls, security).await?;
-            Token(Some(security.authenticate(user, &channel).await?))
+            security.login(user, channel).await?
         }
-        None => Token(None),
+        None => Token::default(),
     };
     let targets = if dial.target_leader {
         dial.leader_urls(endpoints, &tls, security, &token).await?
@@ -109,7 +199,7 @@ pub async fn connect(
             .await?;
         connections.push(InterceptedService::new(channel, token.clone()));
     }
-    Ok(connections)
+    Ok((connections, token))
 }
 
 /// The TLS configuration, made from the flags when the first https endpoint is met.
@@ -256,7 +346,9 @@ impl Security {
         kvstore::tls::client_config(&files, &TlsOptions::default()).map_err(anyhow::Error::msg)
     }
 
-    async fn authenticate(&self, user: &str, channel: &Channel) -> Result<MetadataValue<Ascii>> {
+    /// Authenticates as `user` (NAME:PASSWORD, or NAME with --password) over
+    /// `channel`, which renewals use again.
+    async fn login(&self, user: &str, channel: Channel) -> Result<Token> {
         let (name, password) = match (user.split_once(':'), &self.password) {
             (_, Some(password)) => (user, password.as_str()),
             (Some((name, password)), None) => (name, password),
@@ -264,18 +356,18 @@ impl Security {
                 bail!("--user {user} needs a password: --user NAME:PASSWORD or --password")
             }
         };
-        let token = AuthClient::new(channel.clone())
-            .authenticate(AuthenticateRequest {
-                name: name.to_string(),
-                password: password.to_string(),
-            })
+        let token = authenticate(&channel, name, password)
             .await
             .map_err(|status| anyhow::anyhow!("{}", status.message()))
-            .with_context(|| format!("cannot authenticate as {name}"))?
-            .into_inner()
-            .token;
-        token
-            .parse()
-            .with_context(|| format!("the token for {name} is not valid metadata"))
+            .with_context(|| format!("cannot authenticate as {name}"))?;
+        Ok(Token(Arc::new(TokenState {
+            current: std::sync::RwLock::new(Some(token)),
+            login: Some(Login {
+                name: name.to_string(),
+                password: password.to_string(),
+                channel,
+            }),
+            ..Default::default()
+        })))
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use connect::Conn;
+use connect::{Conn, Token};
 use kvstore::pb::etcdserverpb::kv_client::KvClient;
 use kvstore::pb::etcdserverpb::lease_client::LeaseClient;
 use kvstore::pb::etcdserverpb::request_op::Request as Op;
@@ -211,7 +211,7 @@ fn percentiles(mut samples: Vec<Duration>) -> Percentiles {
     }
 }
 
-async fn connect(common: &Common) -> Result<Vec<Conn>> {
+async fn connect(common: &Common) -> Result<(Vec<Conn>, Token)> {
     connect::connect(
         &common.endpoints,
         common.conns as usize,
@@ -346,10 +346,13 @@ impl Pacer {
 }
 
 /// Runs `clients` request loops: each takes request numbers from the pacer and
-/// times `request(client, number)`. Errors are counted, not timed.
+/// times `request(client, number)`. Errors are counted, not timed. A request whose
+/// token is refused is sent again once with a renewed token, timed from the first
+/// send.
 async fn run_requests<F, Fut>(
     common: &Common,
     load: Load,
+    token: Token,
     workload: &'static str,
     request: F,
 ) -> Result<Report>
@@ -368,12 +371,23 @@ where
         let request = request.clone();
         let errors = errors.clone();
         let first_error = first_error.clone();
+        let token = token.clone();
         clients.push(tokio::spawn(async move {
             let mut random = Random::new(client as u64 + 1);
             let mut samples = Vec::new();
             while let Some(number) = pacer.take().await {
                 let sent = Instant::now();
-                match request(client, number, &mut random).await {
+                let generation = token.generation();
+                let mut result = request(client, number, &mut random).await;
+                if let Err(status) = &result {
+                    if token.refused(status) {
+                        result = match token.renew(generation).await {
+                            Ok(()) => request(client, number, &mut random).await,
+                            Err(renewal) => Err(renewal),
+                        };
+                    }
+                }
+                match result {
                     Ok(()) => samples.push(sent.elapsed()),
                     Err(status) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -417,10 +431,10 @@ where
 }
 
 async fn put(common: &Common, load: Load, keys: Keys) -> Result<Report> {
-    let channels = connect(common).await?;
+    let (channels, token) = connect(common).await?;
     let kvs: Vec<KvClient<Conn>> = channels.into_iter().map(KvClient::new).collect();
     let value = vec![b'v'; keys.val_size];
-    run_requests(common, load, "put", move |client, number, random| {
+    run_requests(common, load, token, "put", move |client, number, random| {
         let mut kv = kvs[client % kvs.len()].clone();
         let request = PutRequest {
             key: keys.key(number, random),
@@ -439,7 +453,7 @@ async fn range(
     val_size: usize,
     consistency: Consistency,
 ) -> Result<Report> {
-    let channels = connect(common).await?;
+    let (channels, token) = connect(common).await?;
     let mut kvs: Vec<KvClient<Conn>> = channels.into_iter().map(KvClient::new).collect();
     kvs[0]
         .put(PutRequest {
@@ -451,7 +465,7 @@ async fn range(
         .context("writing the key to read")?;
     let serializable = matches!(consistency, Consistency::S);
     let workload = if serializable { "range-s" } else { "range-l" };
-    run_requests(common, load, workload, move |client, _, _| {
+    run_requests(common, load, token, workload, move |client, _, _| {
         let mut kv = kvs[client % kvs.len()].clone();
         let request = RangeRequest {
             key: key.clone().into_bytes(),
@@ -470,30 +484,36 @@ async fn range(
 }
 
 async fn txn_put(common: &Common, load: Load, keys: Keys, txn_ops: u64) -> Result<Report> {
-    let channels = connect(common).await?;
+    let (channels, token) = connect(common).await?;
     let kvs: Vec<KvClient<Conn>> = channels.into_iter().map(KvClient::new).collect();
     let value = vec![b'v'; keys.val_size];
-    run_requests(common, load, "txn-put", move |client, number, random| {
-        let mut kv = kvs[client % kvs.len()].clone();
-        let mut seen = std::collections::HashSet::new();
-        let success = (0..txn_ops)
-            .map(|op| keys.key(number * txn_ops + op, random))
-            // A txn may not put one key twice.
-            .filter(|key| seen.insert(key.clone()))
-            .map(|key| RequestOp {
-                request: Some(Op::RequestPut(PutRequest {
-                    key,
-                    value: value.clone(),
-                    ..Default::default()
-                })),
-            })
-            .collect();
-        let request = TxnRequest {
-            success,
-            ..Default::default()
-        };
-        async move { kv.txn(request).await.map(drop) }
-    })
+    run_requests(
+        common,
+        load,
+        token,
+        "txn-put",
+        move |client, number, random| {
+            let mut kv = kvs[client % kvs.len()].clone();
+            let mut seen = std::collections::HashSet::new();
+            let success = (0..txn_ops)
+                .map(|op| keys.key(number * txn_ops + op, random))
+                // A txn may not put one key twice.
+                .filter(|key| seen.insert(key.clone()))
+                .map(|key| RequestOp {
+                    request: Some(Op::RequestPut(PutRequest {
+                        key,
+                        value: value.clone(),
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            let request = TxnRequest {
+                success,
+                ..Default::default()
+            };
+            async move { kv.txn(request).await.map(drop) }
+        },
+    )
     .await
 }
 
@@ -516,7 +536,7 @@ async fn watch(
     puts: u64,
     put_rate: u64,
 ) -> Result<Report> {
-    let channels = connect(common).await?;
+    let (channels, token) = connect(common).await?;
     let key = b"kvbench/watch-latency".to_vec();
     let base = Instant::now();
     let streams = streams.unwrap_or(watchers).clamp(1, watchers.max(1));
@@ -569,18 +589,23 @@ async fn watch(
             Ok::<_, tonic::Status>(samples)
         }));
     }
-    let mut kv = KvClient::new(channels[0].clone());
+    let kv = KvClient::new(channels[0].clone());
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / put_rate.max(1) as f64));
     let started = Instant::now();
     for _ in 0..puts {
         ticker.tick().await;
         let sent = base.elapsed().as_nanos() as u64;
-        kv.put(PutRequest {
+        let put = PutRequest {
             key: key.clone(),
             value: sent.to_string().into_bytes(),
             ..Default::default()
-        })
-        .await?;
+        };
+        token
+            .retried(|| {
+                let (mut kv, put) = (kv.clone(), put.clone());
+                async move { kv.put(put).await }
+            })
+            .await?;
     }
     let mut samples = Vec::new();
     for reader in readers {
@@ -595,15 +620,23 @@ async fn watch(
 }
 
 async fn lease_keepalive(common: &Common, load: Load) -> Result<Report> {
-    let channels = connect(common).await?;
+    let (channels, token) = connect(common).await?;
     let pacer = Pacer::new(load);
     let progress = pacer.show_progress();
     let mut clients = Vec::new();
     let mut streams = Vec::new();
     for client in 0..common.clients as usize {
         let channel = channels[client % channels.len()].clone();
-        let id = LeaseClient::new(channel.clone())
-            .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+        let leases = LeaseClient::new(channel.clone());
+        let id = token
+            .retried(|| {
+                let mut leases = leases.clone();
+                async move {
+                    leases
+                        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+                        .await
+                }
+            })
             .await?
             .into_inner()
             .id;

@@ -46,7 +46,7 @@ impl Drop for Server {
 }
 
 fn start(binary: &Path) -> Server {
-    start_secured(binary, None)
+    start_secured(binary, None, &[])
 }
 
 /// A CA and one certificate it signed for 127.0.0.1 (CommonName root), which a
@@ -95,15 +95,16 @@ impl Certs {
 }
 
 /// Starts `binary`; with `tls`, its client port serves https with the certificate,
-/// and with `tls.1` (mutual) it also requires a client certificate from the CA.
-fn start_secured(binary: &Path, tls: Option<(&Certs, bool)>) -> Server {
+/// and with `tls.1` (mutual) it also requires a client certificate from the CA;
+/// `extra` flags follow.
+fn start_secured(binary: &Path, tls: Option<(&Certs, bool)>, extra: &[String]) -> Server {
     assert!(
         binary.exists(),
         "{} is missing: run scripts/deps",
         binary.display()
     );
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut server_flags = Vec::new();
+    let mut server_flags = extra.to_vec();
     let mut etcdctl_flags = Vec::new();
     if let Some((certs, mutual)) = tls {
         server_flags.push(certs.flag("cert-file", "node.pem"));
@@ -456,7 +457,7 @@ fn etcdctl_with(server: &Server, flags: &[String], args: &[&str]) {
 /// and a token from --user for every request, streams included.
 fn tls_and_auth(binary: &Path) {
     let certs = Certs::new();
-    let server = start_secured(binary, Some((&certs, false)));
+    let server = start_secured(binary, Some((&certs, false)), &[]);
     let tls = certs.client_flags(false);
     let with = |extra: &[&str]| joined(&tls, extra);
     let stderr = kvbench_fails(&server, &["put", "--total=10"]);
@@ -554,7 +555,7 @@ fn tls_and_auth_against_etcd() {
 /// kvbench against an endpoint that requires a client certificate.
 fn mutual_tls(binary: &Path) {
     let certs = Certs::new();
-    let server = start_secured(binary, Some((&certs, true)));
+    let server = start_secured(binary, Some((&certs, true)), &[]);
     let args = joined(
         &certs.client_flags(true),
         &["--clients=4", "put", "--total=100"],
@@ -777,4 +778,77 @@ fn target_leader_against_kvstore() {
 #[test]
 fn target_leader_against_etcd() {
     target_leader(Path::new(ETCD));
+}
+
+/// Runs kvbench as `root` against `server` while `meanwhile` runs; its report, which
+/// must show no errors.
+fn kvbench_as_root(server: &Server, args: &[&str], meanwhile: impl FnOnce()) -> Value {
+    let child = Command::new(KVBENCH)
+        .arg(format!("--endpoints={}", server.endpoint))
+        .args(["--json", "--user=root:secret"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kvbench");
+    meanwhile();
+    let output = child.wait_with_output().expect("kvbench ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "kvbench {args:?}: {stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("one JSON report");
+    assert_eq!(report["errors"], 0, "{report} {stderr}");
+    report
+}
+
+/// Tokens that expire (JWT with a 1 s TTL) or go stale (an auth change) during a run
+/// are renewed, as etcd's client renews them: no request fails.
+fn token_renewal(binary: &Path) {
+    let keys = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (private, public) = (keys.path().join("jwt.key"), keys.path().join("jwt.pub"));
+    std::fs::write(&private, key.serialize_pem()).unwrap();
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let jwt = format!(
+        "--auth-token=jwt,pub-key={},priv-key={},sign-method=ES256,ttl=1s",
+        public.display(),
+        private.display()
+    );
+    for flags in [vec![jwt], Vec::new()] {
+        let server = start_secured(binary, None, &flags);
+        etcdctl_with(
+            &server,
+            &[],
+            &["user", "add", "root", "--new-user-password=secret"],
+        );
+        etcdctl_with(&server, &[], &["auth", "enable"]);
+        let root = ["--user=root:secret".to_string()];
+        let report = kvbench_as_root(
+            &server,
+            &["--clients=2", "put", "--duration=3", "--rate=50"],
+            || {
+                // Tokens issued before an auth change are refused from then on.
+                std::thread::sleep(Duration::from_millis(1500));
+                etcdctl_with(&server, &root, &["role", "add", "during-the-run"]);
+            },
+        );
+        // 150 are due; on a busy machine the last ones may fall past the deadline.
+        // Over 100 is past both the first expiry and the auth change.
+        assert!(report["operations"].as_u64().unwrap() > 100, "{report}");
+        let report = kvbench_as_root(
+            &server,
+            &["watch", "--watchers=2", "--puts=40", "--put-rate=20"],
+            || {},
+        );
+        check(&report, "watch", 80);
+    }
+}
+
+#[test]
+fn token_renewal_against_kvstore() {
+    token_renewal(&kvstore_binary());
+}
+
+#[test]
+fn token_renewal_against_etcd() {
+    token_renewal(Path::new(ETCD));
 }
