@@ -852,3 +852,40 @@ fn token_renewal_against_kvstore() {
 fn token_renewal_against_etcd() {
     token_renewal(Path::new(ETCD));
 }
+
+/// A server that stops answering mid-run (SIGSTOP) fails the requests in flight once
+/// it ignores kvbench's HTTP/2 pings, so the run ends with errors instead of waiting
+/// forever.
+#[test]
+fn a_server_that_hangs_mid_run_ends_the_run_with_errors() {
+    let server = start(&kvstore_binary());
+    let mut run = Command::new(KVBENCH)
+        .arg(format!("--endpoints={}", server.endpoint))
+        .args(["--json", "--clients=2", "put", "--duration=3", "--rate=50"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kvbench");
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = Command::new("kill")
+        .args(["-STOP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    // 10 s of silence before the ping, 10 s for its answer, and some slack.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while run.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = run.kill();
+            panic!("kvbench still waits on a hung server after 45 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("one JSON report");
+    assert!(report["operations"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["errors"].as_u64().unwrap() > 0, "{report}");
+    assert!(stderr.contains("requests failed"), "{stderr}");
+}
