@@ -86,7 +86,7 @@ impl Token {
     /// Whether `status` refuses a token that authenticating again would replace:
     /// expired or unknown, issued before an auth change, or missing (the errors etcd's
     /// client renews on).
-    pub fn refused(&self, status: &Status) -> bool {
+    fn refused(&self, status: &Status) -> bool {
         self.0.login.is_some()
             && matches!(
                 status.message(),
@@ -96,8 +96,8 @@ impl Token {
             )
     }
 
-    /// The renewals so far; pass it to [`Token::renew`] after a refusal.
-    pub fn generation(&self) -> u64 {
+    /// The renewals so far, for [`Token::renew`] after a refusal.
+    fn generation(&self) -> u64 {
         self.0.generation.load(Ordering::Acquire)
     }
 
@@ -119,7 +119,7 @@ impl Token {
     }
 
     /// Authenticates again, unless another client did since it saw `seen`.
-    pub async fn renew(&self, seen: u64) -> Result<(), Status> {
+    async fn renew(&self, seen: u64) -> Result<(), Status> {
         let Some(login) = &self.0.login else {
             return Ok(());
         };

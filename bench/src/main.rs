@@ -377,17 +377,7 @@ where
             let mut samples = Vec::new();
             while let Some(number) = pacer.take().await {
                 let sent = Instant::now();
-                let generation = token.generation();
-                let mut result = request(client, number, &mut random).await;
-                if let Err(status) = &result {
-                    if token.refused(status) {
-                        result = match token.renew(generation).await {
-                            Ok(()) => request(client, number, &mut random).await,
-                            Err(renewal) => Err(renewal),
-                        };
-                    }
-                }
-                match result {
+                match token.retried(|| request(client, number, &mut random)).await {
                     Ok(()) => samples.push(sent.elapsed()),
                     Err(status) => {
                         errors.fetch_add(1, Ordering::Relaxed);
