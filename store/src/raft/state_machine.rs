@@ -5,6 +5,7 @@
 //! or disk) taken while apply is paused. A snapshot is turned into a stream of MVCC
 //! records only when a peer needs it, and installing one replaces the MVCC history.
 
+use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +65,44 @@ struct Shared {
     snapshot_sequence: AtomicU64,
     /// Client requests applied since the last snapshot, for `--snapshot-count`.
     requests_since_snapshot: Arc<AtomicU64>,
+    /// Checkpoints being read for a follower, with their readers: a newer snapshot
+    /// removes older checkpoints only once nobody reads them.
+    readers: Mutex<HashMap<String, usize>>,
+}
+
+/// A checkpoint kept while it is read; the last reader of a checkpoint that is no
+/// longer current removes it.
+struct Reading {
+    shared: Arc<Shared>,
+    checkpoint: String,
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        let mut readers = self.shared.readers.lock();
+        let Some(count) = readers.get_mut(&self.checkpoint) else {
+            return;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        readers.remove(&self.checkpoint);
+        let current = read_current(self.shared.mvcc.storage());
+        if !matches!(current, Ok(Some(current)) if current.checkpoint == self.checkpoint) {
+            let _ = std::fs::remove_dir_all(self.shared.snapshot_dir.join(&self.checkpoint));
+        }
+    }
+}
+
+fn read_current(storage: &Storage) -> Result<Option<CurrentSnapshot>, StorageError> {
+    match storage
+        .get(CF_META, meta_key::SNAPSHOT)
+        .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?
+    {
+        Some(bytes) => decode(&bytes, ErrorSubject::Snapshot(None)).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// The state machine handed to openraft.
@@ -99,10 +138,16 @@ impl StateMachine {
             None => StoredMembership::default(),
         };
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
-        // A checkpoint interrupted by a crash is never current: remove it.
+        // A checkpoint interrupted by a crash is never current, and an older one kept
+        // for a reader when the process ended has no reader now: remove them.
+        let current = read_current(&storage)?.map(|current| current.checkpoint);
         if let Ok(entries) = std::fs::read_dir(&snapshot_dir) {
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with("building-") {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let stale_checkpoint =
+                    name.starts_with("checkpoint-") && current.as_deref() != Some(name.as_ref());
+                if name.starts_with("building-") || stale_checkpoint {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
             }
@@ -119,6 +164,7 @@ impl StateMachine {
                         .map_or(0, |elapsed| elapsed.as_nanos() as u64),
                 ),
                 requests_since_snapshot: Arc::default(),
+                readers: Mutex::default(),
             }),
         })
     }
@@ -133,15 +179,18 @@ impl StateMachine {
         self.shared.requests_since_snapshot.clone()
     }
 
-    fn current(&self) -> Result<Option<CurrentSnapshot>, StorageError> {
-        let storage = self.shared.mvcc.storage();
-        match storage
-            .get(CF_META, meta_key::SNAPSHOT)
-            .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?
-        {
-            Some(bytes) => decode(&bytes, ErrorSubject::Snapshot(None)).map(Some),
-            None => Ok(None),
-        }
+    /// The current snapshot, its checkpoint kept until the returned guard is dropped.
+    fn read_current(&self) -> Result<Option<(CurrentSnapshot, Reading)>, StorageError> {
+        let mut readers = self.shared.readers.lock();
+        let Some(current) = read_current(self.shared.mvcc.storage())? else {
+            return Ok(None);
+        };
+        *readers.entry(current.checkpoint.clone()).or_default() += 1;
+        let reading = Reading {
+            shared: self.shared.clone(),
+            checkpoint: current.checkpoint.clone(),
+        };
+        Ok(Some((current, reading)))
     }
 
     /// Checkpoints the current state and makes it the current snapshot, removing
@@ -204,12 +253,16 @@ impl StateMachine {
         storage
             .write(batch, true)
             .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
-        // Older checkpoints are no longer needed by anyone.
+        // Older checkpoints are no longer needed, unless a follower's copy is being
+        // read from one: its last reader removes it.
+        let readers = self.shared.readers.lock();
         if let Ok(entries) = std::fs::read_dir(&self.shared.snapshot_dir) {
             for entry in entries.flatten() {
                 let file_name = entry.file_name();
-                if file_name.to_string_lossy().starts_with("checkpoint-")
+                let file_name = file_name.to_string_lossy();
+                if file_name.starts_with("checkpoint-")
                     && file_name != name.as_str()
+                    && !readers.contains_key(file_name.as_ref())
                 {
                     let _ = std::fs::remove_dir_all(entry.path());
                 }
@@ -561,7 +614,7 @@ impl StateMachine {
 
     /// The newest snapshot as a stream file, for a follower that needs it.
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some(current) = self.current()? else {
+        let Some((current, _reading)) = self.read_current()? else {
             return Ok(None);
         };
         let checkpoint = self.shared.snapshot_dir.join(&current.checkpoint);
@@ -663,6 +716,54 @@ mod tests {
                 }],
             }))),
         }
+    }
+
+    /// Found by CI: a follower's copy was exported from a checkpoint while a newer
+    /// snapshot was built, which removed the checkpoint under the reader; the failed
+    /// read stopped the leader ("etcdserver: server stopped").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_being_sent_survives_newer_snapshots() {
+        let (dir, _, mut state_machine) = Builder(None).build().await.unwrap();
+        let entries: Vec<Entry> = (1..=2000)
+            .map(|index| put_entry(index, &format!("key-{index}"), "value"))
+            .collect();
+        state_machine.apply(entries).await.unwrap();
+        state_machine
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let mut builder = state_machine.get_snapshot_builder().await;
+        let building = tokio::spawn(async move {
+            for _ in 0..100 {
+                builder.build_snapshot().await.unwrap();
+            }
+        });
+        let mut sent = 0;
+        while !building.is_finished() {
+            let current = state_machine.get_current_snapshot().await;
+            assert!(current.unwrap().is_some());
+            sent += 1;
+        }
+        building.await.unwrap();
+        assert!(sent > 1, "only {sent} snapshots were read");
+        // Only the current checkpoint is left once nobody reads the others.
+        let snap = dir.path().join("snap");
+        let checkpoints = || -> Vec<String> {
+            std::fs::read_dir(&snap)
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("checkpoint-"))
+                .collect()
+        };
+        let current = checkpoints();
+        assert_eq!(current.len(), 1);
+        // One kept for a reader when the process ended goes at the next start.
+        std::fs::create_dir(snap.join("checkpoint-1")).unwrap();
+        let mut reopened = StateMachine::open(state_machine.mvcc().clone(), snap.clone()).unwrap();
+        assert_eq!(checkpoints(), current);
+        assert!(reopened.get_current_snapshot().await.unwrap().is_some());
     }
 
     #[tokio::test]
