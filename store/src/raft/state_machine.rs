@@ -66,8 +66,16 @@ struct Shared {
     /// Client requests applied since the last snapshot, for `--snapshot-count`.
     requests_since_snapshot: Arc<AtomicU64>,
     /// Checkpoints being read for a follower, with their readers: a newer snapshot
-    /// removes older checkpoints only once nobody reads them.
+    /// removes older checkpoints only once nobody reads them. Held while a snapshot
+    /// is published, too.
     readers: Mutex<HashMap<String, usize>>,
+}
+
+/// A checkpoint taken and not yet published.
+struct Taken {
+    building: PathBuf,
+    name: String,
+    meta: SnapshotMeta<u64, openraft::BasicNode>,
 }
 
 /// A checkpoint kept while it is read; the last reader of a checkpoint that is no
@@ -193,15 +201,15 @@ impl StateMachine {
         Ok(Some((current, reading)))
     }
 
-    /// Checkpoints the current state and makes it the current snapshot, removing
-    /// older checkpoints. Apply goes on meanwhile: the snapshot's metadata is read
-    /// back from the checkpoint itself, where the applied log id and membership were
-    /// written in the same batches as the data (and atomic flush keeps them together).
-    /// `installed` names the metadata of a snapshot that was just installed instead.
+    /// Checkpoints the current state, for [`StateMachine::publish`]. Apply goes on
+    /// meanwhile: the snapshot's metadata is read back from the checkpoint itself,
+    /// where the applied log id and membership were written in the same batches as
+    /// the data (and atomic flush keeps them together). `installed` names the
+    /// metadata of a snapshot that was just installed instead.
     fn take_checkpoint(
         &self,
         installed: Option<&SnapshotMeta<u64, openraft::BasicNode>>,
-    ) -> Result<SnapshotMeta<u64, openraft::BasicNode>, StorageError> {
+    ) -> Result<Taken, StorageError> {
         let storage = self.shared.mvcc.storage();
         let (sequence, building) = self.scratch_path("building");
         if building.exists() {
@@ -241,7 +249,38 @@ impl StateMachine {
                 }
             }
         };
-        let name = format!("checkpoint-{sequence}");
+        Ok(Taken {
+            building,
+            name: format!("checkpoint-{sequence}"),
+            meta,
+        })
+    }
+
+    /// Makes a checkpoint the current snapshot and removes older checkpoints, unless
+    /// the current snapshot is newer: openraft builds snapshots while it installs
+    /// one from the leader, so a build that began before an install can end after it.
+    fn publish(
+        &self,
+        taken: Taken,
+    ) -> Result<SnapshotMeta<u64, openraft::BasicNode>, StorageError> {
+        let Taken {
+            building,
+            name,
+            meta,
+        } = taken;
+        let storage = self.shared.mvcc.storage();
+        let readers = self.shared.readers.lock();
+        if let Some(current) = read_current(storage)? {
+            if current.meta.last_log_id > meta.last_log_id {
+                tracing::info!(
+                    snapshot_id = %meta.snapshot_id,
+                    current = %current.meta.snapshot_id,
+                    "dropped a snapshot older than the current one"
+                );
+                let _ = std::fs::remove_dir_all(&building);
+                return Ok(meta);
+            }
+        }
         std::fs::rename(&building, self.shared.snapshot_dir.join(&name))
             .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
         let current = CurrentSnapshot {
@@ -255,7 +294,6 @@ impl StateMachine {
             .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
         // Older checkpoints are no longer needed, unless a follower's copy is being
         // read from one: its last reader removes it.
-        let readers = self.shared.readers.lock();
         if let Ok(entries) = std::fs::read_dir(&self.shared.snapshot_dir) {
             for entry in entries.flatten() {
                 let file_name = entry.file_name();
@@ -469,7 +507,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .store(0, Ordering::Relaxed);
         let this = self.clone();
         let (meta, empty) = off_raft_thread(move || {
-            let meta = this.take_checkpoint(None)?;
+            let meta = this.publish(this.take_checkpoint(None)?)?;
             Ok((meta, this.unlinked_file("built")?))
         })
         .await?;
@@ -609,7 +647,7 @@ impl StateMachine {
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
         tracing::info!(snapshot_id = %meta.snapshot_id, revision = current_revision, "installed snapshot from the leader");
-        self.take_checkpoint(Some(meta)).map(|_| ())
+        self.publish(self.take_checkpoint(Some(meta))?).map(|_| ())
     }
 
     /// The newest snapshot as a stream file, for a follower that needs it.
@@ -764,6 +802,42 @@ mod tests {
         let mut reopened = StateMachine::open(state_machine.mvcc().clone(), snap.clone()).unwrap();
         assert_eq!(checkpoints(), current);
         assert!(reopened.get_current_snapshot().await.unwrap().is_some());
+    }
+
+    /// openraft builds snapshots while it installs one: a build that began before an
+    /// install and ends after it must not make the older state current again.
+    #[tokio::test]
+    async fn a_snapshot_built_before_an_install_never_replaces_it() {
+        let (_source_dir, _, mut source) = Builder(None).build().await.unwrap();
+        let entries: Vec<Entry> = (1..=10)
+            .map(|index| put_entry(index, "key", &index.to_string()))
+            .collect();
+        source.apply(entries).await.unwrap();
+        source
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let sent = source.get_current_snapshot().await.unwrap().unwrap();
+
+        let (dir, _, mut target) = Builder(None).build().await.unwrap();
+        target.apply([put_entry(1, "stale", "x")]).await.unwrap();
+        let building = target.take_checkpoint(None).unwrap();
+        target
+            .install_snapshot(&sent.meta, sent.snapshot)
+            .await
+            .unwrap();
+        let built = target.publish(building).unwrap();
+        assert_eq!(built.last_log_id.unwrap().index, 1);
+
+        let current = target.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, sent.meta);
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("snap"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
     }
 
     #[tokio::test]
