@@ -35,6 +35,16 @@ const REPLICATED_META: &[&[u8]] = &[
     meta_key::ALARM_PREFIX,
     meta_key::AUTH_PREFIX,
 ];
+/// How the names of everything this module (and the Snapshot RPC's export) writes
+/// in the snapshot directory begin.
+const SCRATCH_PREFIXES: &[&str] = &[
+    "checkpoint-",
+    "building-",
+    "sending-",
+    "built-",
+    "receiving-",
+    "export-",
+];
 /// Records per RocksDB batch while a snapshot stream is read.
 const INSTALL_BATCH_BYTES: usize = 16 << 20;
 
@@ -146,17 +156,20 @@ impl StateMachine {
             None => StoredMembership::default(),
         };
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
-        // A checkpoint interrupted by a crash is never current, and an older one kept
-        // for a reader when the process ended has no reader now: remove them.
+        // Only the current checkpoint outlives the process. Anything else here was
+        // left by a crash: a checkpoint being built, an older one kept for a reader,
+        // a stream file or an export's scratch copy.
         let current = read_current(&storage)?.map(|current| current.checkpoint);
         if let Ok(entries) = std::fs::read_dir(&snapshot_dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                let stale_checkpoint =
-                    name.starts_with("checkpoint-") && current.as_deref() != Some(name.as_ref());
-                if name.starts_with("building-") || stale_checkpoint {
-                    let _ = std::fs::remove_dir_all(entry.path());
+                let ours = SCRATCH_PREFIXES
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix));
+                if ours && current.as_deref() != Some(name.as_ref()) {
+                    let _ = std::fs::remove_dir_all(entry.path())
+                        .or_else(|_| std::fs::remove_file(entry.path()));
                 }
             }
         }
@@ -797,10 +810,18 @@ mod tests {
         };
         let current = checkpoints();
         assert_eq!(current.len(), 1);
-        // One kept for a reader when the process ended goes at the next start.
+        // One kept for a reader when the process ended goes at the next start, with
+        // the other leftovers of a crash.
         std::fs::create_dir(snap.join("checkpoint-1")).unwrap();
+        std::fs::create_dir(snap.join("export-2")).unwrap();
+        std::fs::write(snap.join("export-2.stream"), b"x").unwrap();
+        std::fs::write(snap.join("sending-3"), b"x").unwrap();
         let mut reopened = StateMachine::open(state_machine.mvcc().clone(), snap.clone()).unwrap();
-        assert_eq!(checkpoints(), current);
+        let left: Vec<String> = std::fs::read_dir(&snap)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, current);
         assert!(reopened.get_current_snapshot().await.unwrap().is_some());
     }
 
