@@ -158,6 +158,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = server.wait_published() => {}
         _ = tokio::signal::ctrl_c() => return Ok(()),
         _ = terminate.recv() => return Ok(()),
+        fatal = server.raft_failed() => return Err(raft_failed(fatal)),
     }
     for (url, listener) in listeners {
         tracing::info!(%url, "serving client requests");
@@ -176,11 +177,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(result) = serving.join_next() => {
             result??;
         }
+        fatal = server.raft_failed() => return Err(raft_failed(fatal)),
     }
     let _ = shutdown_sender.send(true);
     while serving.join_next().await.is_some() {}
     server.shutdown().await;
     Ok(())
+}
+
+/// The error that ends the process when Raft stopped on `fatal`.
+fn raft_failed(fatal: String) -> anyhow::Error {
+    tracing::error!(error = %fatal, "raft stopped on an error; exiting");
+    anyhow::anyhow!("raft stopped on an error: {fatal}")
 }
 
 /// Raises the soft limit of open files to the hard limit, as Go programs (etcd

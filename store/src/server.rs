@@ -798,6 +798,24 @@ impl EtcdServer {
         }
     }
 
+    /// Waits until Raft stops on an error (a disk read or write that failed, a panic
+    /// in its core) and returns the error. Such a member serves nothing more; as
+    /// etcd does, it should exit so that its supervisor restarts it from its disk.
+    pub async fn raft_failed(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                if !matches!(fatal, openraft::error::Fatal::Stopped) {
+                    return fatal.to_string();
+                }
+            }
+            if metrics.changed().await.is_err() {
+                // Raft ended without an error: it was shut down.
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Waits up to `timeout` until a leader is known.
     pub async fn wait_for_leader(&self, timeout: Duration) {
         let mut metrics = self.raft.metrics();

@@ -1,6 +1,7 @@
 //! Nothing acknowledged is lost: writers put keys while the server is killed with
 //! SIGKILL at a random moment; after restart every acknowledged write is there with
-//! its revision, and revisions continue from where they were.
+//! its revision, and revisions continue from where they were. A member whose disk
+//! fails under Raft exits, as etcd does, and keeps everything it acknowledged.
 
 mod common;
 
@@ -49,6 +50,24 @@ async fn write_until_failure(
     }
 }
 
+/// key -> (value, revision) of every stored key the writers write.
+async fn stored(kv: &mut KvClient<Channel>) -> HashMap<Vec<u8>, (Vec<u8>, i64)> {
+    let stored = kv
+        .range(RangeRequest {
+            key: b"durable/".to_vec(),
+            range_end: b"durable0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stored
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key, (kv.value, kv.mod_revision)))
+        .collect()
+}
+
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let mut server = Server::start(Kind::Kvstore);
@@ -88,17 +107,7 @@ fn acknowledged_writes_survive_sigkill() {
         server.restart();
         runtime.block_on(async {
             let mut kv = client(&server).await;
-            let stored = kv
-                .range(RangeRequest {
-                    key: b"durable/".to_vec(),
-                    range_end: b"durable0".to_vec(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let stored: HashMap<Vec<u8>, (Vec<u8>, i64)> =
-                stored.kvs.into_iter().map(|kv| (kv.key, (kv.value, kv.mod_revision))).collect();
+            let stored = stored(&mut kv).await;
             let mut lost = 0;
             for (key, (value, revision)) in &expected {
                 match stored.get(key) {
@@ -129,4 +138,50 @@ fn acknowledged_writes_survive_sigkill() {
             );
         });
     }
+}
+
+/// A snapshot that cannot be written stops Raft. The member then exits with an error
+/// instead of answering "etcdserver: server stopped" for ever, so that a supervisor
+/// (systemd, a StatefulSet) restarts it; restarted, it has every acknowledged write.
+#[test]
+fn a_member_whose_disk_fails_exits_and_keeps_what_it_acknowledged() {
+    let mut server = Server::start_with(Kind::Kvstore, &["--snapshot-count=50"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The snapshot directory becomes a file: the next snapshot cannot be written.
+    let snap = server.data_dir.join("snap");
+    std::fs::remove_dir_all(&snap).unwrap();
+    std::fs::write(&snap, b"not a directory").unwrap();
+    let acknowledged: Acknowledged = Arc::default();
+    runtime.block_on(async {
+        let kv = client(&server).await;
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            write_until_failure(kv, 0, 0, acknowledged.clone()),
+        )
+        .await
+        .expect("puts went on for 20 s past a snapshot that cannot be written");
+    });
+    let written = acknowledged.lock().unwrap().len();
+    assert!(written >= 50, "only {written} puts before the failure");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the member did not exit; log:\n{}", server.log_text()));
+    assert!(!status.success(), "exit status {status}");
+    let log = server.log_text();
+    assert!(log.contains("raft stopped on an error"), "log:\n{log}");
+
+    std::fs::remove_file(&snap).unwrap();
+    server.restart();
+    runtime.block_on(async {
+        let stored = stored(&mut client(&server).await).await;
+        for (key, (value, revision)) in acknowledged.lock().unwrap().iter() {
+            let found = stored.get(key).map(|(value, revision)| (value, revision));
+            assert_eq!(
+                found,
+                Some((value, revision)),
+                "key {:?}",
+                String::from_utf8_lossy(key)
+            );
+        }
+    });
 }

@@ -226,6 +226,19 @@ impl Server {
         }
     }
 
+    /// Waits up to `timeout` for the server to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Restarts the server on the same ports and data dir.
     pub fn restart(&mut self) {
         self.kill();
