@@ -247,6 +247,15 @@ pub struct Config {
     #[arg(long, env = "ETCD_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub client_cert_auth: bool,
 
+    /// Path to the client certificate revocation list file (PEM or DER).
+    #[arg(long, env = "ETCD_CLIENT_CRL_FILE")]
+    pub client_crl_file: Option<PathBuf>,
+
+    /// Allowed TLS hostname for client certificate authentication: a client
+    /// certificate must name it among its DNS or IP subject alternative names.
+    #[arg(long, env = "ETCD_CLIENT_CERT_ALLOWED_HOSTNAME")]
+    pub client_cert_allowed_hostname: Option<String>,
+
     /// Client TLS using generated certificates.
     #[arg(long, env = "ETCD_AUTO_TLS", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub auto_tls: bool,
@@ -274,6 +283,15 @@ pub struct Config {
     /// Allowed CommonName for inter-peer authentication.
     #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_CN")]
     pub peer_cert_allowed_cn: Option<String>,
+
+    /// Allowed TLS hostname for inter-peer authentication: a peer certificate must
+    /// name it among its DNS or IP subject alternative names.
+    #[arg(long, env = "ETCD_PEER_CERT_ALLOWED_HOSTNAME")]
+    pub peer_cert_allowed_hostname: Option<String>,
+
+    /// Path to the peer certificate revocation list file (PEM or DER).
+    #[arg(long, env = "ETCD_PEER_CRL_FILE")]
+    pub peer_crl_file: Option<PathBuf>,
 
     /// The validity period of the self-signed certificates, in years.
     #[arg(long, env = "ETCD_SELF_SIGNED_CERT_VALIDITY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -496,11 +514,23 @@ impl Config {
     /// The client listeners' certificates: the given files, or with `--auto-tls` a
     /// self-signed pair under `<data-dir>/fixtures/client`; `None` without TLS.
     pub fn client_tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        let allowed = allowed_client(
+            ("client-cert-allowed-cn", &None),
+            (
+                "client-cert-allowed-hostname",
+                &self.client_cert_allowed_hostname,
+            ),
+        )?;
         self.tls_files(
-            [&self.cert_file, &self.key_file, &self.trusted_ca_file],
+            [
+                &self.cert_file,
+                &self.key_file,
+                &self.trusted_ca_file,
+                &self.client_crl_file,
+            ],
             self.client_cert_auth,
             self.auto_tls,
-            None,
+            allowed,
             (
                 "client",
                 [&self.listen_client_urls, &self.advertise_client_urls],
@@ -511,15 +541,23 @@ impl Config {
 
     /// The peer listeners' and peer calls' certificates, as [`Config::client_tls_files`].
     pub fn peer_tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        let allowed = allowed_client(
+            ("peer-cert-allowed-cn", &self.peer_cert_allowed_cn),
+            (
+                "peer-cert-allowed-hostname",
+                &self.peer_cert_allowed_hostname,
+            ),
+        )?;
         self.tls_files(
             [
                 &self.peer_cert_file,
                 &self.peer_key_file,
                 &self.peer_trusted_ca_file,
+                &self.peer_crl_file,
             ],
             self.peer_client_cert_auth,
             self.peer_auto_tls,
-            self.peer_cert_allowed_cn.clone(),
+            allowed,
             (
                 "peer",
                 [&self.listen_peer_urls, &self.initial_advertise_peer_urls],
@@ -530,10 +568,10 @@ impl Config {
 
     fn tls_files(
         &self,
-        [cert, key, ca]: [&Option<PathBuf>; 3],
+        [cert, key, ca, crl]: [&Option<PathBuf>; 4],
         client_cert_auth: bool,
         auto: bool,
-        allowed_cn: Option<String>,
+        allowed: Option<crate::tls::AllowedClient>,
         (fixture, urls): (&str, [&UrlList; 2]),
         [cert_flag, key_flag]: [&str; 2],
     ) -> Result<Option<crate::tls::TlsFiles>, String> {
@@ -546,8 +584,9 @@ impl Config {
                     cert_file: cert.clone(),
                     key_file: key.clone(),
                     trusted_ca_file: ca.clone(),
+                    crl_file: crl.clone(),
                     client_cert_auth,
-                    allowed_cn,
+                    allowed,
                     self_signed: false,
                 }))
             }
@@ -571,8 +610,9 @@ impl Config {
                     key_file,
                     trusted_ca_file: None,
                     // Nobody's certificate chains to a self-signed one.
+                    crl_file: None,
                     client_cert_auth: false,
-                    allowed_cn: None,
+                    allowed: None,
                     self_signed: true,
                 }))
             }
@@ -603,6 +643,24 @@ impl Config {
                 Ok((name.to_string(), url))
             })
             .collect()
+    }
+}
+
+/// What a client certificate must carry besides a valid chain, from a pair of
+/// `--*-cert-allowed-cn` and `--*-cert-allowed-hostname` flags (exclusive, as in etcd).
+fn allowed_client(
+    (cn_flag, cn): (&str, &Option<String>),
+    (hostname_flag, hostname): (&str, &Option<String>),
+) -> Result<Option<crate::tls::AllowedClient>, String> {
+    match (cn, hostname) {
+        (Some(cn), Some(hostname)) => Err(format!(
+            "--{cn_flag} ({cn:?}) and --{hostname_flag} ({hostname:?}) are mutually exclusive"
+        )),
+        (Some(cn), None) => Ok(Some(crate::tls::AllowedClient::CommonName(cn.clone()))),
+        (None, Some(hostname)) => crate::tls::AllowedClient::hostname(hostname)
+            .map(Some)
+            .map_err(|e| format!("--{hostname_flag}: {e}")),
+        (None, None) => Ok(None),
     }
 }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore};
@@ -29,13 +31,56 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
     /// PEM CA bundle that client (or peer) certificates must chain to.
     pub trusted_ca_file: Option<PathBuf>,
+    /// Certificate revocation lists (PEM or DER): client certificates they revoke
+    /// are refused.
+    pub crl_file: Option<PathBuf>,
     /// Require and verify a certificate from every connecting client.
     pub client_cert_auth: bool,
-    /// Accept only client certificates with this CommonName.
-    pub allowed_cn: Option<String>,
+    /// What a verified client certificate must also carry.
+    pub allowed: Option<AllowedClient>,
     /// The certificate is self-signed (`--auto-tls`): as etcd, a client of this side
     /// does not verify the other side's certificate.
     pub self_signed: bool,
+}
+
+/// `--peer-cert-allowed-cn`, or `--client-cert-allowed-hostname` and
+/// `--peer-cert-allowed-hostname`.
+#[derive(Debug, Clone)]
+pub enum AllowedClient {
+    /// The certificate's subject CommonName is exactly this.
+    CommonName(String),
+    /// The certificate's DNS or IP subject alternative names cover this host, as
+    /// Go's `VerifyHostname` (which etcd uses) decides.
+    Hostname(ServerName<'static>),
+}
+
+impl AllowedClient {
+    /// A hostname or IP address; an error says what is wrong with it.
+    pub fn hostname(text: &str) -> Result<AllowedClient, String> {
+        ServerName::try_from(text.to_string())
+            .map(AllowedClient::Hostname)
+            .map_err(|_| format!("{text:?} is neither a DNS name nor an IP address"))
+    }
+
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        match self {
+            AllowedClient::CommonName(wanted) => match common_name(end_entity) {
+                Some(name) if &name == wanted => Ok(()),
+                name => Err(rustls::Error::General(format!(
+                    "CommonName authentication failed: {name:?} is not {wanted:?}"
+                ))),
+            },
+            AllowedClient::Hostname(wanted) => {
+                let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&parsed, wanted).map_err(|_| {
+                    rustls::Error::General(format!(
+                        "hostname authentication failed: the certificate is not valid for {}",
+                        wanted.to_str()
+                    ))
+                })
+            }
+        }
+    }
 }
 
 /// `--cipher-suites`, `--tls-min-version` and `--tls-max-version`.
@@ -138,6 +183,24 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .ok_or_else(|| format!("{}: no private key found", path.display()))
 }
 
+/// The revocation lists of a file: PEM blocks, or one DER list.
+fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let bytes = read(path)?;
+    let crls = rustls_pemfile::crls(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: invalid PEM: {e}", path.display()))?;
+    if !crls.is_empty() {
+        return Ok(crls);
+    }
+    if bytes.first() == Some(&0x30) {
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
+    Err(format!(
+        "{}: no certificate revocation list found",
+        path.display()
+    ))
+}
+
 fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, String> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
@@ -159,13 +222,21 @@ fn server_config(files: &TlsFiles, options: &TlsOptions) -> Result<ServerConfig,
         let ca = files.trusted_ca_file.as_deref().ok_or_else(|| {
             "client certificate authentication needs a trusted CA file (--trusted-ca-file or --peer-trusted-ca-file)".to_string()
         })?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider)
-            .build()
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
-        match &files.allowed_cn {
-            Some(cn) => builder.with_client_cert_verifier(Arc::new(AllowedCommonName {
+        let mut verifier = WebPkiClientVerifier::builder_with_provider(load_roots(ca)?, provider);
+        if let Some(crl) = &files.crl_file {
+            // As etcd: certificates that no list speaks of are not refused.
+            verifier = verifier
+                .with_crls(load_crls(crl)?)
+                .allow_unknown_revocation_status();
+        }
+        let verifier = verifier.build().map_err(|e| {
+            let file = files.crl_file.as_deref().unwrap_or(ca);
+            format!("{} or {}: {e}", ca.display(), file.display())
+        })?;
+        match &files.allowed {
+            Some(allowed) => builder.with_client_cert_verifier(Arc::new(AllowedClientVerifier {
                 inner: verifier,
-                common_name: cn.clone(),
+                allowed: allowed.clone(),
             })),
             None => builder.with_client_cert_verifier(verifier),
         }
@@ -185,6 +256,7 @@ fn stamps(files: &TlsFiles) -> Vec<Option<(SystemTime, u64)>> {
         Some(files.cert_file.as_path()),
         Some(files.key_file.as_path()),
         files.trusted_ca_file.as_deref(),
+        files.crl_file.as_deref(),
     ]
     .into_iter()
     .flatten()
@@ -202,7 +274,7 @@ struct Loaded {
     config: Arc<ServerConfig>,
 }
 
-/// A listener's TLS configuration, rebuilt when its certificate, key or CA file
+/// A listener's TLS configuration, rebuilt when its certificate, key, CA or CRL file
 /// changes on disk (checked at most once a second, on new connections). A file that
 /// fails to load keeps the previous configuration in use.
 pub struct ServerTls {
@@ -370,15 +442,14 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// `--peer-cert-allowed-cn`: a verified client certificate must also carry this
-/// CommonName.
+/// A verified client certificate must also carry what [`AllowedClient`] names.
 #[derive(Debug)]
-struct AllowedCommonName {
+struct AllowedClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    common_name: String,
+    allowed: AllowedClient,
 }
 
-impl ClientCertVerifier for AllowedCommonName {
+impl ClientCertVerifier for AllowedClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
@@ -392,13 +463,8 @@ impl ClientCertVerifier for AllowedCommonName {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        match common_name(end_entity) {
-            Some(name) if name == self.common_name => Ok(verified),
-            name => Err(rustls::Error::General(format!(
-                "CommonName authentication failed: {name:?} is not {:?}",
-                self.common_name
-            ))),
-        }
+        self.allowed.check(end_entity)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

@@ -43,9 +43,26 @@ impl Ca {
     /// Writes `<name>.pem` and `<name>-key.pem` for 127.0.0.1 and localhost with
     /// CommonName `cn`; returns their paths.
     fn issue(&self, dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-                .expect("params");
+        self.issue_for(dir, name, cn, &["127.0.0.1", "localhost"], None)
+    }
+
+    /// As [`Ca::issue`], for the hosts `names` and with serial number `serial`.
+    fn issue_for(
+        &self,
+        dir: &Path,
+        name: &str,
+        cn: &str,
+        names: &[&str],
+        serial: Option<u64>,
+    ) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(
+            names
+                .iter()
+                .map(|name| name.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .expect("params");
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.key_usages = vec![
@@ -65,6 +82,34 @@ impl Ca {
         std::fs::write(&cert_path, cert.pem()).expect("write cert");
         std::fs::write(&key_path, key.serialize_pem()).expect("write key");
         (cert_path, key_path)
+    }
+
+    /// Writes `path`: this CA's revocation list of the serial numbers `revoked`, in
+    /// PEM or else DER.
+    fn write_crl(&self, path: &Path, revoked: &[u64], pem: bool) {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2040, 1, 1),
+            crl_number: rcgen::SerialNumber::from(revoked.len() as u64 + 1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: rcgen::date_time_ymd(2025, 6, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.cert, &self.key).expect("CRL");
+        let bytes = if pem {
+            crl.pem().expect("CRL PEM").into_bytes()
+        } else {
+            crl.der().to_vec()
+        };
+        std::fs::write(path, bytes).expect("write CRL");
     }
 
     fn write(&self, dir: &Path, name: &str) -> PathBuf {
@@ -360,6 +405,114 @@ fn a_trusted_ca_alone_requires_client_certificates_as_in_etcd() {
         );
         refuses_clients_without_a_trusted_certificate(&pki, &endpoint, binary);
         drop(server);
+    }
+}
+
+/// `--client-crl-file` and `--client-cert-allowed-hostname`, against kvstore and
+/// etcd alike: a revoked client certificate, and one for another host, are refused;
+/// a certificate revoked later is refused without a restart.
+#[test]
+fn revoked_and_other_host_client_certificates_are_refused_as_in_etcd() {
+    let pki = Pki::new();
+    let (first, _) = &pki.cas;
+    let dir = pki.dir.path();
+    let good = first.issue_for(dir, "good", "good", &["127.0.0.1", "localhost"], Some(1001));
+    let revoked = first.issue_for(dir, "revoked", "revoked", &["localhost"], Some(1002));
+    let elsewhere = first.issue_for(dir, "elsewhere", "elsewhere", &["elsewhere.example"], None);
+    let crl = pki.path("crl.pem");
+    let with = |pair| client_tls(&pki, &pki.ca, Some(pair));
+    for binary in [env!("CARGO_BIN_EXE_kvstore"), common::ETCD] {
+        first.write_crl(&crl, &[1002], true);
+        let data = tempfile::tempdir().expect("temp dir");
+        let (server, endpoint) = start_https_binary(
+            binary,
+            &pki,
+            &data.path().join("d"),
+            &[
+                format!("--trusted-ca-file={}", arg(&pki.ca)),
+                "--client-cert-auth".to_string(),
+                format!("--client-crl-file={}", arg(&crl)),
+                "--client-cert-allowed-hostname=localhost".to_string(),
+            ],
+            &with(&good),
+        );
+        assert_eq!(
+            etcdctl(&endpoint, &with(&good), &["put", "k", "v"]),
+            "OK\nexit=0",
+            "{binary}"
+        );
+        for (who, pair) in [("revoked", &revoked), ("for another host", &elsewhere)] {
+            let out = etcdctl(&endpoint, &with(pair), &["get", "k"]);
+            assert!(
+                !out.ends_with("exit=0") && !out.contains("\nv\n"),
+                "{binary} served a client certificate {who}: {out}"
+            );
+        }
+        // Revoked while the server runs (in a DER list this time): refused once the
+        // new list is read.
+        first.write_crl(&crl, &[1001, 1002], false);
+        assert!(
+            wait_until(Duration::from_secs(10), || !healthy(
+                &endpoint,
+                &with(&good)
+            )),
+            "{binary} still serves a certificate revoked 10 s ago"
+        );
+        drop(server);
+    }
+}
+
+/// Revocation lists that cannot be used, and allowed-name flags that cannot be
+/// honoured, stop kvstore at start with a message naming the file or the flags.
+#[test]
+fn unusable_revocation_lists_and_allowed_names_are_reported() {
+    let pki = Pki::new();
+    let garbage = pki.path("garbage.crl");
+    std::fs::write(&garbage, "not a revocation list").unwrap();
+    let tls = |extra: &[String]| {
+        let mut flags = vec![
+            format!("--cert-file={}", arg(&pki.server.0)),
+            format!("--key-file={}", arg(&pki.server.1)),
+            format!("--trusted-ca-file={}", arg(&pki.ca)),
+        ];
+        flags.extend_from_slice(extra);
+        single_member_args("https", free_port(), &flags)
+    };
+    let cases: [(Vec<String>, &str); 4] = [
+        (
+            tls(&[format!("--client-crl-file={}", arg(&garbage))]),
+            "garbage.crl: no certificate revocation list found",
+        ),
+        (
+            tls(&[format!("--client-crl-file={}", arg(&pki.path("missing.crl")))]),
+            "missing.crl",
+        ),
+        (
+            tls(&["--client-cert-allowed-hostname=not a host!".to_string()]),
+            "--client-cert-allowed-hostname: \"not a host!\" is neither a DNS name nor an IP address",
+        ),
+        (
+            tls(&[
+                "--peer-cert-allowed-cn=a".to_string(),
+                "--peer-cert-allowed-hostname=b".to_string(),
+            ]),
+            "--peer-cert-allowed-cn (\"a\") and --peer-cert-allowed-hostname (\"b\") are mutually exclusive",
+        ),
+    ];
+    for (args, expected) in cases {
+        let data = tempfile::tempdir().expect("temp dir");
+        let output = Command::new(env!("CARGO_BIN_EXE_kvstore"))
+            .arg(format!("--data-dir={}", data.path().join("d").display()))
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kvstore");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "{args:?}: {}\n{stderr}",
+            output.status
+        );
     }
 }
 
