@@ -23,6 +23,9 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// A TLS handshake that takes longer is dropped.
     pub handshake_timeout: Duration,
+    /// A client certificate's subject alternative names must cover the address it
+    /// connects from, as etcd checks on its peer listeners.
+    pub check_client_san: bool,
 }
 
 /// Who is on the other end of a connection; request handlers find it in the
@@ -177,12 +180,24 @@ pub fn incoming(
                         return;
                     }
                 };
-                info.common_name = stream
+                let certificate = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .and_then(|cert| crate::tls::common_name(cert));
+                    .and_then(|certs| certs.first());
+                if let (true, Some(certificate)) = (limits.check_client_san, certificate) {
+                    let allowed = tokio::time::timeout(
+                        limits.handshake_timeout,
+                        crate::tls::check_client_san(certificate, remote.ip()),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err("resolving its DNS names timed out".into()));
+                    if let Err(reason) = allowed {
+                        tracing::warn!(%remote, %reason, "refused a peer connection: its certificate does not name its address");
+                        return;
+                    }
+                }
+                info.common_name = certificate.and_then(|cert| crate::tls::common_name(cert));
                 let _ = sender.send(Ok(Connection {
                     io: Io::Tls(Box::new(stream)),
                     info,

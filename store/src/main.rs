@@ -83,7 +83,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let limits = kvstore::listener::ListenerLimits {
         max_connections: config.max_connections as usize,
         handshake_timeout: config.tls_handshake_timeout,
+        check_client_san: false,
     };
+    // As etcd: a peer's certificate must name the address it connects from.
+    let check_peer_san = !config.experimental_peer_skip_client_san_verification;
     let keepalive =
         (!config.grpc_keepalive_interval.is_zero()).then_some(config.grpc_keepalive_interval);
     let keepalive_timeout = config.grpc_keepalive_timeout;
@@ -105,8 +108,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
                  url: &MemberUrl,
                  listener: TcpListener,
                  tls: &Option<std::sync::Arc<kvstore::tls::ServerTls>>,
+                 check_client_san: bool,
                  routes: tonic::service::Routes| {
         let mut shutdown = shutdown.clone();
+        let limits = kvstore::listener::ListenerLimits {
+            check_client_san,
+            ..limits
+        };
         // As etcd: an http URL is served in plain text even when TLS is configured.
         let tls = if url.scheme == "https" {
             tls.clone()
@@ -135,6 +143,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &url,
             listener,
             &peer_tls,
+            check_peer_san,
             kvstore::api::peer::peer_routes(server.clone()),
         );
     }
@@ -146,6 +155,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &url,
             listener,
             &client_tls,
+            false,
             tonic::service::Routes::from(router),
         );
     }
@@ -167,6 +177,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &url,
             listener,
             &client_tls,
+            false,
             kvstore::api::routes(server.clone()),
         );
     }

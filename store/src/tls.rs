@@ -542,33 +542,33 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// The subject CommonName of a DER certificate, if it has one.
-pub fn common_name(der: &[u8]) -> Option<String> {
-    /// Reads one DER element: (tag, contents, rest).
-    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let length = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let count = usize::from(first & 0x7f);
-            if count == 0 || count > 4 || rest.len() < count {
-                return None;
-            }
-            let length = rest[..count]
-                .iter()
-                .fold(0usize, |acc, byte| (acc << 8) | usize::from(*byte));
-            rest = &rest[count..];
-            length
-        };
-        if rest.len() < length {
+/// Reads one DER element: (tag, contents, rest).
+fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let length = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
             return None;
         }
-        Some((tag, &rest[..length], &rest[length..]))
+        let length = rest[..count]
+            .iter()
+            .fold(0usize, |acc, byte| (acc << 8) | usize::from(*byte));
+        rest = &rest[count..];
+        length
+    };
+    if rest.len() < length {
+        return None;
     }
-    const SEQUENCE: u8 = 0x30;
-    const SET: u8 = 0x31;
-    const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+    Some((tag, &rest[..length], &rest[length..]))
+}
+
+const SEQUENCE: u8 = 0x30;
+
+/// The fields of a DER certificate's TBSCertificate from its subject on.
+fn fields_from_subject(der: &[u8]) -> Option<&[u8]> {
     let (tag, certificate, _) = element(der)?;
     if tag != SEQUENCE {
         return None;
@@ -577,14 +577,104 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     if tag != SEQUENCE {
         return None;
     }
-    let mut fields = tbs;
     // Optional [0] version, then serial, signature algorithm, issuer, validity.
-    let (tag, _, rest) = element(fields)?;
-    fields = if tag == 0xa0 { element(rest)?.2 } else { rest };
+    let (tag, _, rest) = element(tbs)?;
+    let mut fields = if tag == 0xa0 { element(rest)?.2 } else { rest };
     for _ in 0..3 {
         fields = element(fields)?.2;
     }
-    let (tag, mut subject, _) = element(fields)?;
+    Some(fields)
+}
+
+/// The DNS names and IP addresses among a DER certificate's subject alternative
+/// names (both empty when it has none).
+pub fn subject_alt_names(der: &[u8]) -> Option<(Vec<String>, Vec<std::net::IpAddr>)> {
+    const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
+    // Subject, subject public key info, then optional unique IDs and [3] extensions.
+    let (_, _, rest) = element(fields_from_subject(der)?)?;
+    let (_, _, mut rest) = element(rest)?;
+    let mut names = (Vec::new(), Vec::new());
+    while !rest.is_empty() {
+        let (tag, contents, after) = element(rest)?;
+        rest = after;
+        if tag != 0xa3 {
+            continue;
+        }
+        let (_, mut extensions, _) = element(contents)?;
+        while !extensions.is_empty() {
+            let (_, extension, after) = element(extensions)?;
+            extensions = after;
+            let (_, oid, value) = element(extension)?;
+            if oid != SUBJECT_ALT_NAME {
+                continue;
+            }
+            // An optional critical flag, then the names in an OCTET STRING.
+            let (mut tag, mut octets, after) = element(value)?;
+            if tag == 0x01 {
+                (tag, octets, _) = element(after)?;
+            }
+            if tag != 0x04 {
+                return None;
+            }
+            let (_, mut general_names, _) = element(octets)?;
+            while !general_names.is_empty() {
+                let (tag, name, after) = element(general_names)?;
+                general_names = after;
+                match (tag, name.len()) {
+                    (0x82, _) => names.0.push(String::from_utf8(name.to_vec()).ok()?),
+                    (0x87, 4) => names
+                        .1
+                        .push(std::net::IpAddr::from(<[u8; 4]>::try_from(name).ok()?)),
+                    (0x87, 16) => names
+                        .1
+                        .push(std::net::IpAddr::from(<[u8; 16]>::try_from(name).ok()?)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Some(names)
+}
+
+/// etcd's check of a peer's client certificate against the address `remote` it
+/// connects from: with IP addresses among its subject alternative names, one must be
+/// `remote`; else with DNS names, one must resolve to `remote`; a certificate with
+/// neither passes.
+pub async fn check_client_san(der: &[u8], remote: std::net::IpAddr) -> Result<(), String> {
+    let remote = match remote {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(remote, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let (dns_names, ips) =
+        subject_alt_names(der).ok_or("its certificate cannot be parsed".to_string())?;
+    if ips.contains(&remote) {
+        return Ok(());
+    }
+    if dns_names.is_empty() {
+        return match ips.is_empty() {
+            true => Ok(()),
+            false => Err(format!(
+                "{remote} is not among the certificate's IP addresses {ips:?}"
+            )),
+        };
+    }
+    for name in &dns_names {
+        if let Ok(addresses) = tokio::net::lookup_host((name.as_str(), 0)).await {
+            if addresses.map(|address| address.ip()).any(|ip| ip == remote) {
+                return Ok(());
+            }
+        }
+    }
+    Err(format!(
+        "{remote} does not match any of DNSNames {dns_names:?}"
+    ))
+}
+
+/// The subject CommonName of a DER certificate, if it has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    const SET: u8 = 0x31;
+    const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+    let (tag, mut subject, _) = element(fields_from_subject(der)?)?;
     if tag != SEQUENCE {
         return None;
     }
@@ -628,6 +718,61 @@ mod tests {
             .push(rcgen::DnType::OrganizationName, "org");
         let key = rcgen::KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn certificate_for(names: &[&str]) -> Vec<u8> {
+        let names = names
+            .iter()
+            .map(|name| name.to_string())
+            .collect::<Vec<_>>();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn subject_alt_names_are_read() {
+        let der = certificate_for(&["localhost", "127.0.0.1", "::1", "db.example"]);
+        let (dns, ips) = subject_alt_names(&der).unwrap();
+        assert_eq!(dns, ["localhost", "db.example"]);
+        let expected: Vec<std::net::IpAddr> =
+            vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        assert_eq!(ips, expected);
+        assert_eq!(
+            subject_alt_names(&certificate_for(&[])),
+            Some((vec![], vec![]))
+        );
+        for cut in 0..der.len() {
+            // Truncated input never panics.
+            let _ = subject_alt_names(&der[..cut]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_certificate_must_name_the_address_it_connects_from() {
+        let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let elsewhere: std::net::IpAddr = "10.9.8.7".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let by_ip = certificate_for(&["127.0.0.1"]);
+        assert_eq!(check_client_san(&by_ip, loopback).await, Ok(()));
+        assert_eq!(check_client_san(&by_ip, mapped).await, Ok(()));
+        assert!(check_client_san(&by_ip, elsewhere).await.is_err());
+        // A DNS name must resolve to the address.
+        let by_name = certificate_for(&["localhost"]);
+        assert_eq!(check_client_san(&by_name, loopback).await, Ok(()));
+        let refused = check_client_san(&by_name, elsewhere).await.unwrap_err();
+        assert!(
+            refused.contains("does not match any of DNSNames"),
+            "{refused}"
+        );
+        // An IP address that does not match, then a DNS name that does.
+        let both = certificate_for(&["10.1.1.1", "localhost"]);
+        assert_eq!(check_client_san(&both, loopback).await, Ok(()));
+        // No names at all: nothing to check, as in etcd.
+        assert_eq!(
+            check_client_san(&certificate_for(&[]), elsewhere).await,
+            Ok(())
+        );
     }
 
     #[test]

@@ -894,6 +894,71 @@ fn peer_auto_tls_and_allowed_common_name() {
     );
 }
 
+/// As etcd, a member refuses a peer connection whose client certificate names
+/// other addresses than the one it comes from (unless
+/// `--experimental-peer-skip-client-san-verification`). Checked with curl on the
+/// peer port of kvstore and of etcd: any HTTP answer means the connection was kept
+/// (HTTP/1.1, which etcd's peer port sends to its HTTP handlers, not to gRPC).
+#[test]
+fn peer_certificates_must_name_the_address_they_come_from_as_in_etcd() {
+    let pki = Pki::new();
+    let (first, _) = &pki.cas;
+    let here = first.issue(pki.dir.path(), "here", "here");
+    let far = first.issue_for(pki.dir.path(), "far", "far", &["10.9.8.7"], None);
+    let answers = |peer_port: u16, (cert, key): &(PathBuf, PathBuf)| {
+        Command::new("curl")
+            .args(["-s", "--http1.1", "-o", "/dev/null", "--max-time", "5"])
+            .args([
+                "--cacert",
+                &arg(&pki.ca),
+                "--cert",
+                &arg(cert),
+                "--key",
+                &arg(key),
+            ])
+            .arg(format!("https://127.0.0.1:{peer_port}/version"))
+            .status()
+            .expect("curl")
+            .success()
+    };
+    for binary in [env!("CARGO_BIN_EXE_kvstore"), common::ETCD] {
+        for skip in [false, true] {
+            let data = tempfile::tempdir().expect("temp dir");
+            let (client, peer) = (free_port(), free_port());
+            let mut args = vec![
+                format!("--listen-client-urls=http://127.0.0.1:{client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{client}"),
+                format!("--listen-peer-urls=https://127.0.0.1:{peer}"),
+                format!("--initial-advertise-peer-urls=https://127.0.0.1:{peer}"),
+                format!("--initial-cluster=default=https://127.0.0.1:{peer}"),
+                format!("--peer-cert-file={}", arg(&pki.server.0)),
+                format!("--peer-key-file={}", arg(&pki.server.1)),
+                format!("--peer-trusted-ca-file={}", arg(&pki.ca)),
+                "--peer-client-cert-auth".to_string(),
+            ];
+            if skip {
+                args.push("--experimental-peer-skip-client-san-verification".to_string());
+            }
+            let server = Kvstore::start_binary(binary, &data.path().join("d"), &args);
+            let endpoint = format!("127.0.0.1:{client}");
+            assert!(
+                wait_until(Duration::from_secs(20), || healthy(&endpoint, &[])),
+                "{binary} did not start; log:\n{}",
+                server.log_text()
+            );
+            assert!(
+                answers(peer, &here),
+                "{binary} refused a peer certificate for 127.0.0.1"
+            );
+            assert_eq!(
+                answers(peer, &far),
+                skip,
+                "{binary}, skip {skip}: a peer certificate for 10.9.8.7 only, from 127.0.0.1"
+            );
+        }
+    }
+}
+
 #[test]
 fn connections_beyond_the_limit_wait_their_turn() {
     let data = tempfile::tempdir().expect("temp dir");
