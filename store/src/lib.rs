@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod error;
+pub mod etcd_snapshot;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod ids;

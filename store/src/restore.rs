@@ -1,6 +1,6 @@
 //! `kvstore snapshot restore`: turns a file written by the Snapshot RPC (`etcdctl
-//! snapshot save`) into the data dir of a member of a new cluster, as `etcdutl
-//! snapshot restore` does. The history, leases and revisions come from the file; the
+//! snapshot save`, against kvstore or against etcd) into the data dir of a member of
+//! a new cluster, as `etcdutl snapshot restore` does. The history, leases and revisions come from the file; the
 //! membership is the one given by the flags, and old members and alarms are dropped.
 
 use std::io::Read;
@@ -88,10 +88,23 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<PathBuf> {
     let identity = crate::server::new_member_identity(&config)?;
     let members = crate::server::initial_members(&config)?;
 
+    // A snapshot saved from etcd is its bbolt database; one saved from kvstore is a
+    // kvstore snapshot stream. An etcd snapshot is read whole before the data dir is
+    // created, so a damaged one leaves nothing behind.
+    let converted;
+    let stream = if crate::etcd_snapshot::is_bbolt(body) {
+        let snapshot = crate::etcd_snapshot::read(body).map_err(|e| {
+            anyhow::anyhow!("cannot read etcd snapshot {}: {e}", args.file.display())
+        })?;
+        converted = crate::raft::state_machine::stream_of_etcd_snapshot(snapshot);
+        converted.as_slice()
+    } else {
+        body
+    };
     crate::storage::create_private_dir(&data_dir)?;
     let storage = Storage::open(&data_dir.join("member"))?;
     let (mut batch, revision) =
-        crate::raft::state_machine::load_stream(&mut std::io::Cursor::new(body), &storage)?;
+        crate::raft::state_machine::load_stream(&mut std::io::Cursor::new(stream), &storage)?;
     finish(&mut batch, &storage, &identity, &members);
     storage.write(batch, true)?;
     storage.flush()?;

@@ -375,6 +375,37 @@ fn read_required_frame(reader: &mut impl Read) -> std::io::Result<Vec<u8>> {
     read_frame(reader)?.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
 }
 
+/// Writes a snapshot stream: the header, then each (revision key, value) record.
+fn write_stream(
+    writer: &mut impl Write,
+    header: &StreamHeader,
+    records: impl Iterator<Item = std::io::Result<(Vec<u8>, Vec<u8>)>>,
+) -> std::io::Result<()> {
+    writer.write_all(SNAPSHOT_MAGIC)?;
+    write_frame(writer, &encode(header))?;
+    for record in records {
+        let (key, value) = record?;
+        write_frame(writer, &key)?;
+        write_frame(writer, &value)?;
+    }
+    writer.write_all(&END_OF_RECORDS.to_be_bytes())
+}
+
+/// A snapshot stream holding what an etcd snapshot holds, for
+/// [`load_stream`].
+pub fn stream_of_etcd_snapshot(snapshot: crate::etcd_snapshot::EtcdSnapshot) -> Vec<u8> {
+    let header = StreamHeader {
+        compact_revision: snapshot.compact_revision,
+        current_revision: snapshot.current_revision,
+        leases: snapshot.leases,
+        meta: Vec::new(),
+    };
+    let mut stream = Vec::new();
+    write_stream(&mut stream, &header, snapshot.records.into_iter().map(Ok))
+        .expect("writing to memory cannot fail");
+    stream
+}
+
 /// Writes the MVCC records of the checkpoint at `checkpoint` to a stream file at `path`.
 fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs::File> {
     let storage = Storage::open_checkpoint(checkpoint).map_err(std::io::Error::other)?;
@@ -409,14 +440,14 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
         .write(true)
         .open(path)?;
     let mut writer = BufWriter::new(file);
-    writer.write_all(SNAPSHOT_MAGIC)?;
-    write_frame(&mut writer, &encode(&header))?;
-    for item in storage.scan_cf(CF_KV, rocksdb::IteratorMode::Start) {
-        let (key, value) = item.map_err(std::io::Error::other)?;
-        write_frame(&mut writer, &key)?;
-        write_frame(&mut writer, &value)?;
-    }
-    writer.write_all(&END_OF_RECORDS.to_be_bytes())?;
+    let records = storage
+        .scan_cf(CF_KV, rocksdb::IteratorMode::Start)
+        .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())));
+    write_stream(
+        &mut writer,
+        &header,
+        records.map(|r| r.map_err(std::io::Error::other)),
+    )?;
     let mut file = writer.into_inner().map_err(|e| e.into_error())?;
     let length = file.metadata()?.len();
     let padding = (STREAM_ALIGNMENT - length % STREAM_ALIGNMENT) % STREAM_ALIGNMENT;
