@@ -1,7 +1,8 @@
 //! Reads a snapshot written by etcd (`etcdctl snapshot save` against etcd: its bbolt
 //! database file) so that `kvstore snapshot restore` can move an etcd cluster's data
-//! to kvstore. The keys' history, revisions, compaction point and leases come over;
-//! etcd's members, alarms and cluster version do not (restore sets the membership).
+//! to kvstore. The keys' history, revisions, compaction point, leases, users and
+//! roles (with their bcrypt hashes) and whether auth is enabled come over; etcd's
+//! members, alarms and cluster version do not (restore sets the membership).
 //!
 //! The bbolt format, as far as this reader needs it: two meta pages at the start
 //! (the valid one with the higher transaction id wins) name the root bucket's page;
@@ -33,6 +34,8 @@ pub struct EtcdSnapshot {
     pub compact_revision: i64,
     /// Granted leases: (ID, TTL in seconds).
     pub leases: Vec<(i64, i64)>,
+    /// The auth store as kvstore's meta records (full keys).
+    pub auth: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// etcd's `leasepb.Lease`.
@@ -196,29 +199,49 @@ impl<'a> Db<'a> {
 pub fn read(bytes: &[u8]) -> Result<EtcdSnapshot, String> {
     let (db, root) = Db::open(bytes)?;
     let buckets = db.buckets(root)?;
-    for bucket in [&b"authUsers"[..], b"authRoles"] {
-        if let Some(page) = buckets.get(bucket) {
-            let mut entries = 0;
-            db.walk(page, 0, &mut |_, _, _| {
-                entries += 1;
-                Ok(())
-            })?;
-            if entries > 0 {
-                return Err(
-                    "the etcd snapshot holds users or roles, which kvstore cannot restore yet: \
-                     remove them (etcdctl auth disable; user delete; role delete) and save again"
-                        .into(),
-                );
-            }
-        }
-    }
-
     let mut snapshot = EtcdSnapshot {
         records: Vec::new(),
         current_revision: 0,
         compact_revision: 0,
         leases: Vec::new(),
+        auth: Vec::new(),
     };
+    // etcd's auth buckets hold the same authpb records kvstore keeps under its auth
+    // prefix; they are decoded here only to refuse damaged ones.
+    let prefix = crate::storage::meta_key::AUTH_PREFIX;
+    for (bucket, kind) in [(&b"authUsers"[..], "user/"), (b"authRoles", "role/")] {
+        if let Some(page) = buckets.get(bucket) {
+            db.walk(page, 0, &mut |_, name, value| {
+                let valid = match kind {
+                    "user/" => crate::pb::authpb::User::decode(value).is_ok(),
+                    _ => crate::pb::authpb::Role::decode(value).is_ok(),
+                };
+                if !valid {
+                    return Err(format!("corrupt {kind}{}", String::from_utf8_lossy(name)));
+                }
+                let key = [prefix, kind.as_bytes(), name].concat();
+                snapshot.auth.push((key, value.to_vec()));
+                Ok(())
+            })?;
+        }
+    }
+    if let Some(auth) = buckets.get(&b"auth"[..]) {
+        db.walk(auth, 0, &mut |_, key, value| {
+            match key {
+                b"authEnabled" => snapshot
+                    .auth
+                    .push(([prefix, b"enabled"].concat(), vec![u8::from(value == [1])])),
+                b"authRevision" => {
+                    let revision: [u8; 8] = value.try_into().map_err(|_| "corrupt authRevision")?;
+                    snapshot
+                        .auth
+                        .push(([prefix, b"revision"].concat(), revision.to_vec()));
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+    }
     if let Some(meta) = buckets.get(&b"meta"[..]) {
         db.walk(meta, 0, &mut |_, key, value| {
             if key == b"finishedCompactRev" {

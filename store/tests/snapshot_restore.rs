@@ -11,7 +11,12 @@ use kvstore::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use kvstore::pb::etcdserverpb::HashKvRequest;
 
 fn save(server: &Server, path: &std::path::Path) -> String {
-    let output = server.etcdctl(&["snapshot", "save", path.to_str().unwrap()]);
+    save_with(server, path, &[])
+}
+
+fn save_with(server: &Server, path: &std::path::Path, flags: &[&str]) -> String {
+    let args = [flags, &["snapshot", "save", path.to_str().unwrap()]].concat();
+    let output = server.etcdctl(&args);
     String::from_utf8_lossy(&output.stdout).replace(path.to_str().unwrap(), "<path>")
         + &format!("exit={}", output.status.code().unwrap_or(-1))
 }
@@ -162,17 +167,43 @@ async fn an_etcd_snapshot_restores_into_kvstore() {
         .await
         .unwrap();
     }
+    // Users, a role and auth enabled come over too.
+    for args in [
+        &["user", "add", "root:rootpw", "--interactive=false"][..],
+        &["user", "add", "alice:secret", "--interactive=false"],
+        &["role", "add", "reader"],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "--prefix=true",
+            "read",
+            "bulk/",
+        ],
+        &["user", "grant-role", "alice", "reader"],
+        &["auth", "enable"],
+    ] {
+        let output = etcd.etcdctl(args);
+        assert!(output.status.success(), "{args:?}: {}", text(&output));
+    }
+    let root = "--user=root:rootpw";
+    let alice = "--user=alice:secret";
     let file = dir.path().join("etcd.db");
-    assert!(save(&etcd, &file).ends_with("exit=0"));
+    assert!(save_with(&etcd, &file, &[root]).ends_with("exit=0"));
     let queries: Vec<Vec<String>> = [
-        vec!["get", "", "--from-key", "-w", "json"],
-        vec!["get", "a", "--rev=3", "-w", "json"],
-        vec!["get", "", "--from-key", "--rev=6", "-w", "json"],
-        vec!["get", "c", "--rev=2"],
-        vec!["lease", "list"],
-        vec!["lease", "timetolive", "--keys", lease.as_str()],
-        vec!["put", "after", "1", "-w", "json"],
-        vec!["get", "after", "-w", "json"],
+        vec![root, "get", "", "--from-key", "-w", "json"],
+        vec![root, "get", "a", "--rev=3", "-w", "json"],
+        vec![root, "get", "", "--from-key", "--rev=6", "-w", "json"],
+        vec![root, "get", "c", "--rev=2"],
+        vec![root, "lease", "list"],
+        vec![root, "lease", "timetolive", "--keys", lease.as_str()],
+        vec![root, "user", "list"],
+        vec![root, "role", "get", "reader"],
+        vec![alice, "get", "bulk/0001", "--print-value-only", "--hex"],
+        vec![alice, "put", "bulk/0001", "x"],
+        vec!["get", "a"],
+        vec![root, "put", "after", "1", "-w", "json"],
+        vec![root, "get", "after", "-w", "json"],
     ]
     .into_iter()
     .map(|query| query.into_iter().map(String::from).collect())
@@ -214,7 +245,20 @@ async fn an_etcd_snapshot_restores_into_kvstore() {
     let output = restore_member(&cluster, 0, &file, "migrated");
     assert!(output.status.success(), "{}", text(&output));
     cluster.launch_with(0, &[]);
-    cluster.wait_healthy(Duration::from_secs(30));
+    // Auth is enabled: health is asked as root.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !cluster
+        .etcdctl(0, &[root, "endpoint", "health"])
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            cluster.members[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let restored = ask(&|args| cluster.etcdctl(0, args));
     for (restored, expected) in restored.iter().zip(&expected) {
         assert_eq!(restored, expected);
@@ -229,6 +273,13 @@ async fn an_etcd_snapshot_restores_into_kvstore() {
         expected[3].contains("required revision has been compacted"),
         "{}",
         expected[3]
+    );
+    assert!(expected[6].contains("alice"), "{}", expected[6]);
+    assert!(expected[9].contains("permission denied"), "{}", expected[9]);
+    assert!(
+        expected[10].contains("user name is empty"),
+        "{}",
+        expected[10]
     );
 
     // Damaged files never panic the reader: cut short anywhere, or with bytes

@@ -398,7 +398,7 @@ pub fn stream_of_etcd_snapshot(snapshot: crate::etcd_snapshot::EtcdSnapshot) -> 
         compact_revision: snapshot.compact_revision,
         current_revision: snapshot.current_revision,
         leases: snapshot.leases,
-        meta: Vec::new(),
+        meta: snapshot.auth,
     };
     let mut stream = Vec::new();
     write_stream(&mut stream, &header, snapshot.records.into_iter().map(Ok))
