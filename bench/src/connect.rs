@@ -26,6 +26,22 @@ use tonic::{Request, Status};
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request with no answer in this time fails, whatever happened to its connection
+/// (a kvbench run refused for want of a client certificate once waited for ever).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `call`, failed with DEADLINE_EXCEEDED if it has no answer within [`REQUEST_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(REQUEST_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "no answer within {REQUEST_TIMEOUT:?}"
+            )))
+        })
+}
 
 /// How to reach a secured cluster; the flags are etcdctl's.
 #[derive(Args)]
@@ -109,10 +125,10 @@ impl Token {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let generation = self.generation();
-        match call().await {
+        match bounded(call()).await {
             Err(status) if self.refused(&status) => {
                 self.renew(generation).await?;
-                call().await
+                bounded(call()).await
             }
             result => result,
         }

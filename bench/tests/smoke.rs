@@ -433,11 +433,14 @@ fn kvbench_fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
     server: &Server,
     args: &[S],
 ) -> String {
-    let output = Command::new(KVBENCH)
+    let run = Command::new(KVBENCH)
         .arg(format!("--endpoints={}", server.endpoint))
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run kvbench");
+    let output = wait_within(run, Duration::from_secs(120), &format!("with {args:?}"));
     assert!(!output.status.success(), "kvbench {args:?} succeeded");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
