@@ -79,16 +79,25 @@ async fn snapshot_save_and_restore_into_a_new_cluster() {
     assert_eq!(list.lines().count(), 3, "{list}");
     assert!(cluster.etcdctl(0, &["put", "new", "1"]).status.success());
 
-    let mut hashes = Vec::new();
-    for member in &cluster.members {
-        let hash = MaintenanceClient::new(member.channel().await)
-            .hash_kv(HashKvRequest { revision: 0 })
-            .await
-            .unwrap()
-            .into_inner();
-        hashes.push((hash.hash_revision, hash.hash));
+    // HashKV is answered from each member's own state: a follower may not have
+    // applied the last put yet, so the members are asked until they agree.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut hashes = Vec::new();
+        for member in &cluster.members {
+            let hash = MaintenanceClient::new(member.channel().await)
+                .hash_kv(HashKvRequest { revision: 0 })
+                .await
+                .unwrap()
+                .into_inner();
+            hashes.push((hash.hash_revision, hash.hash));
+        }
+        if hashes.windows(2).all(|p| p[0] == p[1]) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{hashes:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(hashes.windows(2).all(|p| p[0] == p[1]), "{hashes:?}");
 
     // A restore never overwrites, and a damaged file is refused.
     let again = std::process::Command::new(binary)
