@@ -1,7 +1,8 @@
 //! `kvstore snapshot restore`: turns a file written by the Snapshot RPC (`etcdctl
-//! snapshot save`, against kvstore or against etcd) into the data dir of a member of
-//! a new cluster, as `etcdutl snapshot restore` does. The history, leases and revisions come from the file; the
-//! membership is the one given by the flags, and old members and alarms are dropped.
+//! snapshot save`, against kvstore or against etcd) into the data dir of a member
+//! of a new cluster, as `etcdutl snapshot restore` does. The history, leases and
+//! revisions come from the file; the membership is the one given by the flags, and
+//! old members and alarms are dropped.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -91,20 +92,16 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<PathBuf> {
     // A snapshot saved from etcd is its bbolt database; one saved from kvstore is a
     // kvstore snapshot stream. An etcd snapshot is read whole before the data dir is
     // created, so a damaged one leaves nothing behind.
-    let converted;
-    let stream = if crate::etcd_snapshot::is_bbolt(body) {
-        let snapshot = crate::etcd_snapshot::read(body).map_err(|e| {
-            anyhow::anyhow!("cannot read etcd snapshot {}: {e}", args.file.display())
-        })?;
-        converted = crate::raft::state_machine::stream_of_etcd_snapshot(snapshot);
-        converted.as_slice()
-    } else {
-        body
-    };
+    let etcd_snapshot = crate::etcd_snapshot::is_bbolt(body)
+        .then(|| crate::etcd_snapshot::read(body))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("cannot read etcd snapshot {}: {e}", args.file.display()))?;
     crate::storage::create_private_dir(&data_dir)?;
     let storage = Storage::open(&data_dir.join("member"))?;
-    let (mut batch, revision) =
-        crate::raft::state_machine::load_stream(&mut std::io::Cursor::new(stream), &storage)?;
+    let (mut batch, revision) = match etcd_snapshot {
+        Some(snapshot) => crate::raft::state_machine::load_etcd_snapshot(snapshot, &storage)?,
+        None => crate::raft::state_machine::load_stream(&mut std::io::Cursor::new(body), &storage)?,
+    };
     finish(&mut batch, &storage, &identity, &members);
     storage.write(batch, true)?;
     storage.flush()?;

@@ -646,17 +646,14 @@ pub async fn check_client_san(der: &[u8], remote: std::net::IpAddr) -> Result<()
         v4 => v4,
     };
     let (dns_names, ips) =
-        subject_alt_names(der).ok_or("its certificate cannot be parsed".to_string())?;
-    if ips.contains(&remote) {
+        subject_alt_names(der).ok_or_else(|| "its certificate cannot be parsed".to_string())?;
+    if ips.is_empty() && dns_names.is_empty() || ips.contains(&remote) {
         return Ok(());
     }
     if dns_names.is_empty() {
-        return match ips.is_empty() {
-            true => Ok(()),
-            false => Err(format!(
-                "{remote} is not among the certificate's IP addresses {ips:?}"
-            )),
-        };
+        return Err(format!(
+            "{remote} is not among the certificate's IP addresses {ips:?}"
+        ));
     }
     for name in &dns_names {
         if let Ok(addresses) = tokio::net::lookup_host((name.as_str(), 0)).await {

@@ -201,7 +201,7 @@ impl StateMachine {
     }
 
     /// The current snapshot, its checkpoint kept until the returned guard is dropped.
-    fn read_current(&self) -> Result<Option<(CurrentSnapshot, Reading)>, StorageError> {
+    fn pin_current(&self) -> Result<Option<(CurrentSnapshot, Reading)>, StorageError> {
         let mut readers = self.shared.readers.lock();
         let Some(current) = read_current(self.shared.mvcc.storage())? else {
             return Ok(None);
@@ -391,21 +391,6 @@ fn write_stream(
     writer.write_all(&END_OF_RECORDS.to_be_bytes())
 }
 
-/// A snapshot stream holding what an etcd snapshot holds, for
-/// [`load_stream`].
-pub fn stream_of_etcd_snapshot(snapshot: crate::etcd_snapshot::EtcdSnapshot) -> Vec<u8> {
-    let header = StreamHeader {
-        compact_revision: snapshot.compact_revision,
-        current_revision: snapshot.current_revision,
-        leases: snapshot.leases,
-        meta: snapshot.auth,
-    };
-    let mut stream = Vec::new();
-    write_stream(&mut stream, &header, snapshot.records.into_iter().map(Ok))
-        .expect("writing to memory cannot fail");
-    stream
-}
-
 /// Writes the MVCC records of the checkpoint at `checkpoint` to a stream file at `path`.
 fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs::File> {
     let storage = Storage::open_checkpoint(checkpoint).map_err(std::io::Error::other)?;
@@ -442,12 +427,11 @@ fn export_checkpoint(checkpoint: &Path, path: &Path) -> std::io::Result<std::fs:
     let mut writer = BufWriter::new(file);
     let records = storage
         .scan_cf(CF_KV, rocksdb::IteratorMode::Start)
-        .map(|item| item.map(|(key, value)| (key.to_vec(), value.to_vec())));
-    write_stream(
-        &mut writer,
-        &header,
-        records.map(|r| r.map_err(std::io::Error::other)),
-    )?;
+        .map(|item| {
+            item.map(|(key, value)| (key.to_vec(), value.to_vec()))
+                .map_err(std::io::Error::other)
+        });
+    write_stream(&mut writer, &header, records)?;
     let mut file = writer.into_inner().map_err(|e| e.into_error())?;
     let length = file.metadata()?.len();
     let padding = (STREAM_ALIGNMENT - length % STREAM_ALIGNMENT) % STREAM_ALIGNMENT;
@@ -472,18 +456,48 @@ pub fn load_stream(
     }
     let header: StreamHeader = bincode::deserialize(&read_required_frame(reader)?)
         .map_err(|e| invalid(format!("malformed snapshot header: {e}")))?;
+    let records = std::iter::from_fn(|| match read_frame(reader) {
+        Ok(Some(key)) => Some(read_required_frame(reader).map(|value| (key, value))),
+        Ok(None) => None,
+        Err(error) => Some(Err(error)),
+    });
+    load(storage, header, records)
+}
+
+/// Loads what an etcd snapshot holds into `storage`, as [`load_stream`] does a
+/// snapshot stream.
+pub fn load_etcd_snapshot(
+    snapshot: crate::etcd_snapshot::EtcdSnapshot,
+    storage: &Storage,
+) -> std::io::Result<(WriteBatch, i64)> {
+    let header = StreamHeader {
+        compact_revision: snapshot.compact_revision,
+        current_revision: snapshot.current_revision,
+        leases: snapshot.leases,
+        meta: snapshot.auth,
+    };
+    load(storage, header, snapshot.records.into_iter().map(Ok))
+}
+
+/// [`load_stream`] once the header is read: the history `records`, then the rest.
+fn load(
+    storage: &Storage,
+    header: StreamHeader,
+    records: impl Iterator<Item = std::io::Result<(Vec<u8>, Vec<u8>)>>,
+) -> std::io::Result<(WriteBatch, i64)> {
+    let invalid = |message: String| std::io::Error::new(std::io::ErrorKind::InvalidData, message);
     let kv = storage.cf(CF_KV);
     let mut batch = WriteBatch::default();
     // Revision keys start with a non-negative big-endian i64, so all sort below 0xff.
     batch.delete_range_cf(kv, Vec::<u8>::new(), vec![0xffu8]);
     let mut batch_bytes = 0;
-    while let Some(key) = read_frame(reader)? {
+    for record in records {
+        let (key, value) = record?;
         if crate::mvcc::Revision::from_key(&key).is_none() {
             return Err(invalid(format!(
                 "malformed revision key {key:?} in snapshot"
             )));
         }
-        let value = read_required_frame(reader)?;
         batch_bytes += key.len() + value.len();
         batch.put_cf(kv, key, value);
         if batch_bytes > INSTALL_BATCH_BYTES {
@@ -696,7 +710,7 @@ impl StateMachine {
 
     /// The newest snapshot as a stream file, for a follower that needs it.
     fn current_snapshot(&self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let Some((current, _reading)) = self.read_current()? else {
+        let Some((current, _reading)) = self.pin_current()? else {
             return Ok(None);
         };
         let checkpoint = self.shared.snapshot_dir.join(&current.checkpoint);
