@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use connect::{Conn, Token};
-use kvstore::pb::etcdserverpb::kv_client::KvClient;
-use kvstore::pb::etcdserverpb::lease_client::LeaseClient;
-use kvstore::pb::etcdserverpb::request_op::Request as Op;
-use kvstore::pb::etcdserverpb::watch_client::WatchClient;
-use kvstore::pb::etcdserverpb::watch_request::RequestUnion;
-use kvstore::pb::etcdserverpb::{
+use etcd_api::etcdserverpb::kv_client::KvClient;
+use etcd_api::etcdserverpb::lease_client::LeaseClient;
+use etcd_api::etcdserverpb::request_op::Request as Op;
+use etcd_api::etcdserverpb::watch_client::WatchClient;
+use etcd_api::etcdserverpb::watch_request::RequestUnion;
+use etcd_api::etcdserverpb::{
     LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
     WatchCreateRequest, WatchRequest,
 };

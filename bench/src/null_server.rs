@@ -12,8 +12,8 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
-use kvstore::pb::etcdserverpb::kv_server::{Kv, KvServer};
-use kvstore::pb::etcdserverpb::{
+use etcd_api::etcdserverpb::kv_server::{Kv, KvServer};
+use etcd_api::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };

@@ -9,7 +9,7 @@ pub mod apply;
 pub mod auth;
 pub mod config;
 pub mod discovery;
-pub mod error;
+pub use etcd_api::error;
 pub mod etcd_snapshot;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

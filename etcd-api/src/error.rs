@@ -94,6 +94,15 @@ etcd_errors! {
 }
 
 impl EtcdError {
+    /// The etcd error a status carries: its code and message are exactly those of an
+    /// entry of the table (as etcd's client decodes errors, by message).
+    pub fn from_status(status: &tonic::Status) -> Option<EtcdError> {
+        EtcdError::ALL
+            .iter()
+            .copied()
+            .find(|error| error.code() == status.code() && error.to_string() == status.message())
+    }
+
     /// The etcd error a peer answered with, by its message; a peer that cannot be
     /// reached counts as no leader.
     pub fn from_peer_status(status: &tonic::Status) -> Option<EtcdError> {
@@ -139,5 +148,19 @@ mod tests {
         let status = tonic::Status::from(EtcdError::EmptyKey);
         assert_eq!(status.code(), Code::InvalidArgument);
         assert_eq!(status.message(), "etcdserver: key is not provided");
+    }
+
+    #[test]
+    fn statuses_decode_back_to_their_error() {
+        for error in EtcdError::ALL {
+            let status = tonic::Status::from(*error);
+            assert_eq!(EtcdError::from_status(&status), Some(*error));
+        }
+        let other_code = tonic::Status::unavailable("etcdserver: key is not provided");
+        assert_eq!(EtcdError::from_status(&other_code), None);
+        assert_eq!(
+            EtcdError::from_status(&tonic::Status::unavailable("connection refused")),
+            None
+        );
     }
 }
