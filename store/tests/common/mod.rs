@@ -315,18 +315,37 @@ pub const MEMBER_SPECIFIC: &[&str] = &[
     "raftAppliedIndex",
     "dbSize",
     "dbSizeInUse",
-    "version",
     "Endpoint",
     "ID",
     "peerURLs",
     "clientURLs",
 ];
 
+/// The server's version, blanked only where a Status carries it: a key's `version`
+/// (how many times it was put) is behaviour and must match.
+const SERVER_VERSION: &str = "version";
+
+/// Table columns that differ between any two clusters (`endpoint status` and
+/// `member list` tables); every other column must match.
+const MEMBER_SPECIFIC_COLUMNS: &[&str] = &[
+    "ENDPOINT",
+    "ID",
+    "VERSION",
+    "DB SIZE",
+    "RAFT TERM",
+    "RAFT INDEX",
+    "RAFT APPLIED INDEX",
+    "PEER ADDRS",
+    "CLIENT ADDRS",
+];
+
 pub fn normalize_json(value: &mut Value) {
     match value {
         Value::Object(map) => {
+            // A Status response (alone, or inside `endpoint status -w json`).
+            let is_status = map.contains_key("dbSize") || map.contains_key("raftIndex");
             for (key, field) in map.iter_mut() {
-                if MEMBER_SPECIFIC.contains(&key.as_str()) {
+                if MEMBER_SPECIFIC.contains(&key.as_str()) || (is_status && key == SERVER_VERSION) {
                     *field = Value::String("<normalized>".into());
                 } else {
                     normalize_json(field);
@@ -338,11 +357,22 @@ pub fn normalize_json(value: &mut Value) {
     }
 }
 
+/// The cells of a table row (`| a | b |`), trimmed.
+fn table_cells(line: &str) -> Vec<String> {
+    line.trim()
+        .trim_matches('|')
+        .split('|')
+        .map(|cell| cell.trim().to_string())
+        .collect()
+}
+
 pub fn normalize(output: &str, servers: &[&Server]) -> String {
     let mut output = output.to_string();
     for server in servers {
         output = output.replace(&server.endpoint(), "<endpoint>");
     }
+    // The header of the table being read: which columns to blank.
+    let mut header: Option<Vec<String>> = None;
     output
         .lines()
         .map(|line| {
@@ -355,8 +385,32 @@ pub fn normalize(output: &str, servers: &[&Server]) -> String {
             if let Some((before, _)) = line.split_once("took =") {
                 return format!("{before}took = <duration>");
             }
-            // Table rows of `member list` and `endpoint status` carry IDs and sizes.
-            if line.contains(" | ") || line.contains(", ") && line.contains("http://") {
+            // Table borders: their widths follow the cells' lengths.
+            if line.starts_with('+') && line.trim_end().ends_with('+') {
+                return "<border>".to_string();
+            }
+            if line.starts_with('|') {
+                let cells = table_cells(line);
+                let Some(columns) = &header else {
+                    header = Some(cells.clone());
+                    return cells.join(" | ");
+                };
+                return columns
+                    .iter()
+                    .zip(cells.iter())
+                    .map(|(column, cell)| {
+                        if MEMBER_SPECIFIC_COLUMNS.contains(&column.as_str()) {
+                            "<normalized>"
+                        } else {
+                            cell.as_str()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+            }
+            header = None;
+            // `member list` rows carry IDs and URLs.
+            if line.contains(", ") && line.contains("http://") {
                 return "<member row>".to_string();
             }
             line.to_string()
