@@ -113,8 +113,9 @@ touch "$stop_writer"
 wait "$writer_pid" || true
 rm -f "$stop_writer"
 total=$(wc -l < "$acked")
-present=$(etcdctl_at "$client" get /e2e/acked/ --prefix --keys-only | grep -c '^/e2e/acked/' || true)
-missing=$(etcdctl_at "$client" get /e2e/acked/ --prefix --keys-only | grep '^/e2e/acked/' | sed 's|/e2e/acked/||' | sort | comm -13 - <(sort "$acked") | wc -l)
+stored=$(etcdctl_at "$client" get /e2e/acked/ --prefix --keys-only | grep '^/e2e/acked/' | sed 's|/e2e/acked/||' | sort || true)
+present=$(echo "$stored" | grep -c . || true)
+missing=$(comm -13 <(echo "$stored") <(sort "$acked") | wc -l)
 check "all $total acknowledged writes are present ($present keys, $missing missing)" test "$missing" = 0 -a "$total" -gt 0
 rm -f "$acked"
 

@@ -15,8 +15,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName};
 use rustls::{ServerConfig, SignatureScheme};
 
-pub use etcd_api::tls::{connector, load_certs, TlsOptions};
-use etcd_api::tls::{load_key, load_roots, read, ClientFiles};
+pub use etcd_api::tls::{connector, TlsOptions};
+use etcd_api::tls::{load_certs, load_key, load_roots, read, ClientFiles};
 
 /// How often the certificate files of a listener are checked for changes.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
