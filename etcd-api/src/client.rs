@@ -223,6 +223,9 @@ pub async fn bounded<T>(
         })
 }
 
+/// How many times one request renews a refused token before the refusal stands.
+pub const RENEWALS: u32 = 3;
+
 /// The auth token (if any) that goes with every request, as metadata `token`. When
 /// the server refuses it as expired or stale, [`Token::retried`] authenticates again,
 /// as etcd's client does, so clients outlive a token's TTL and auth changes.
@@ -293,20 +296,25 @@ impl Token {
         self.0.generation.load(Ordering::Acquire)
     }
 
-    /// Makes a request with `call` (bounded by [`REQUEST_TIMEOUT`]), and once more
-    /// with a renewed token if the token was refused.
+    /// Makes a request with `call` (bounded by [`REQUEST_TIMEOUT`]), and again with a
+    /// renewed token each time the token is refused, up to [`RENEWALS`] times: a
+    /// token renewed because it expired can go stale at once if an auth change lands
+    /// before the retry.
     pub async fn retried<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let generation = self.generation();
-        match bounded(call()).await {
-            Err(status) if self.refused(&status) => {
-                self.renew(generation).await?;
-                bounded(call()).await
+        let mut renewals = 0;
+        loop {
+            let generation = self.generation();
+            match bounded(call()).await {
+                Err(status) if renewals < RENEWALS && self.refused(&status) => {
+                    self.renew(generation).await?;
+                    renewals += 1;
+                }
+                result => return result,
             }
-            result => result,
         }
     }
 
