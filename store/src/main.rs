@@ -169,6 +169,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => return Ok(()),
         _ = terminate.recv() => return Ok(()),
         fatal = server.raft_failed() => return Err(raft_failed(fatal)),
+        _ = server.removals().own_removal() => {
+            log_removed();
+            server.shutdown().await;
+            return Ok(());
+        }
     }
     for (url, listener) in listeners {
         tracing::info!(%url, "serving client requests");
@@ -189,11 +194,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
             result??;
         }
         fatal = server.raft_failed() => return Err(raft_failed(fatal)),
+        _ = server.removals().own_removal() => log_removed(),
     }
     let _ = shutdown_sender.send(true);
     while serving.join_next().await.is_some() {}
     server.shutdown().await;
     Ok(())
+}
+
+/// What a removed member says before it stops, as etcd does (and, like etcd, it then
+/// exits with status 0: the removal is not a failure).
+fn log_removed() {
+    tracing::error!("{}", kvstore::raft::REMOVED_MESSAGE);
+    tracing::info!("the data-dir used by this member must be removed");
 }
 
 /// The error that ends the process when Raft stopped on `fatal`.

@@ -116,8 +116,12 @@ fn finish(
     members: &std::collections::BTreeMap<u64, openraft::BasicNode>,
 ) {
     let cf = storage.cf(CF_META);
-    // The old cluster's members and alarms do not carry over.
-    for prefix in [meta_key::MEMBER_ATTRIBUTES_PREFIX, meta_key::ALARM_PREFIX] {
+    // The old cluster's members, removals and alarms do not carry over.
+    for prefix in [
+        meta_key::MEMBER_ATTRIBUTES_PREFIX,
+        meta_key::REMOVED_MEMBER_PREFIX,
+        meta_key::ALARM_PREFIX,
+    ] {
         batch.delete_range_cf(cf, prefix, Storage::prefix_end(prefix).as_slice());
     }
     batch.put_cf(

@@ -207,6 +207,8 @@ pub struct EtcdServer {
     tokens: crate::token::TokenProvider,
     ids: IdGenerator,
     peers: Arc<Peers>,
+    /// The members the applied log removed; this member stops once it is one.
+    removals: Arc<crate::raft::Removals>,
     transfer: Arc<TransferGate>,
     reads: tokio::sync::mpsc::UnboundedSender<ReadWaiter>,
 }
@@ -327,6 +329,7 @@ async fn joining_member_identity(config: &Config) -> Result<Identity, Error> {
             member_id: 0,
         },
         peer_client_tls(config)?,
+        None,
     );
     let mut failures = Vec::new();
     for url in &others {
@@ -673,8 +676,10 @@ impl EtcdServer {
         .map_err(|e| Error::Raft(e.to_string()))?;
 
         let log_store = LogStore::open(storage.clone());
-        let state_machine = StateMachine::open(mvcc.clone(), data_dir.join("snap"))
-            .map_err(|e| Error::Raft(e.to_string()))?;
+        let state_machine =
+            StateMachine::open(mvcc.clone(), data_dir.join("snap"), identity.member_id)
+                .map_err(|e| Error::Raft(e.to_string()))?;
+        let removals = state_machine.removals();
         let requests_since_snapshot = state_machine.requests_since_snapshot();
         let raft_runtime = raft_runtime()?;
         let member_id = identity.member_id;
@@ -684,6 +689,7 @@ impl EtcdServer {
                 member_id,
             },
             peer_client_tls(config)?,
+            Some(removals.clone()),
         );
         let network = Network::new(peers.clone());
         let raft = raft_runtime
@@ -756,6 +762,7 @@ impl EtcdServer {
                 )
             },
             peers,
+            removals,
             transfer,
             raft,
             mvcc,
@@ -1459,6 +1466,11 @@ impl EtcdServer {
                 }
             })
             .collect()
+    }
+
+    /// The members the applied log removed, for the peer service and `main`.
+    pub fn removals(&self) -> &crate::raft::Removals {
+        &self.removals
     }
 
     /// The Raft handle, for the peer service and membership changes.

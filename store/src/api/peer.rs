@@ -29,6 +29,9 @@ impl PeerService {
     /// Checks the caller's cluster; a caller of this cluster counts as connected.
     fn check(&self, header: &Option<PeerHeader>, what: &str) -> Result<u64, Status> {
         let from = check_cluster(self.server.cluster_id(), header, what)?;
+        if self.server.removals().contains(from) {
+            return Err(crate::raft::network::removed_refusal());
+        }
         self.server.peers().answered(from);
         Ok(from)
     }

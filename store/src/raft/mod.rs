@@ -36,6 +36,65 @@ pub type StorageError = openraft::StorageError<u64>;
 /// A membership as stored with the applied state.
 pub type StoredMembership = openraft::StoredMembership<u64, openraft::BasicNode>;
 
+/// What a member is told when a peer refuses it for having been removed, and what it
+/// logs before it stops (etcd's words).
+pub const REMOVED_MESSAGE: &str = "the member has been permanently removed from the cluster";
+
+/// The members removed from the cluster, as the applied log says (etcd's removed
+/// set). Peers refuse their Raft calls; this member stops once it is among them,
+/// whether it applied its own removal, a peer refused it, or it starts on data that
+/// says so.
+pub struct Removals {
+    own: u64,
+    ids: std::sync::RwLock<std::collections::BTreeSet<u64>>,
+    own_removed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Removals {
+    /// The removed set of member `own`, starting from `ids`.
+    pub fn new(own: u64, ids: impl IntoIterator<Item = u64>) -> std::sync::Arc<Removals> {
+        let ids: std::collections::BTreeSet<u64> = ids.into_iter().collect();
+        let (own_removed, _) = tokio::sync::watch::channel(ids.contains(&own));
+        std::sync::Arc::new(Removals {
+            own,
+            ids: std::sync::RwLock::new(ids),
+            own_removed,
+        })
+    }
+
+    /// Whether member `id` was removed.
+    pub fn contains(&self, id: u64) -> bool {
+        self.ids.read().expect("removals lock").contains(&id)
+    }
+
+    /// Records that `ids` were removed (applied, or found in an installed snapshot).
+    pub fn record(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut set = self.ids.write().expect("removals lock");
+        set.extend(ids);
+        if set.contains(&self.own) {
+            self.own_removed.send_replace(true);
+        }
+    }
+
+    /// A peer refused this member as removed.
+    pub fn refused_by_peer(&self, peer: u64) {
+        if !self.own_removed.send_replace(true) {
+            tracing::warn!(peer = %format!("{peer:x}"), "a peer refused this member: {REMOVED_MESSAGE}");
+        }
+    }
+
+    /// Resolves once this member is known to be removed.
+    pub async fn own_removal(&self) {
+        let mut removed = self.own_removed.subscribe();
+        let _ = removed.wait_for(|removed| *removed).await;
+    }
+
+    /// Whether this member is known to be removed.
+    pub fn own_removed(&self) -> bool {
+        *self.own_removed.borrow()
+    }
+}
+
 /// A log entry's payload: a batch of client mutations, serialized as protobuf bytes.
 /// Shared, because openraft clones entries between the log, replication and apply.
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -66,16 +66,24 @@ pub struct Peers {
     tls: Option<Arc<rustls::ClientConfig>>,
     connections: Mutex<HashMap<String, PeerClient<Channel>>>,
     links: Mutex<HashMap<u64, Link>>,
+    /// Told when a peer refuses this member as removed.
+    removals: Option<Arc<super::Removals>>,
 }
 
 impl Peers {
-    /// Peer connections for `caller`; https peers are called with `tls`.
-    pub fn new(caller: Caller, tls: Option<Arc<rustls::ClientConfig>>) -> Arc<Peers> {
+    /// Peer connections for `caller`; https peers are called with `tls`. A peer's
+    /// refusal of a removed member is told to `removals`.
+    pub fn new(
+        caller: Caller,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        removals: Option<Arc<super::Removals>>,
+    ) -> Arc<Peers> {
         Arc::new(Peers {
             caller,
             tls,
             connections: Mutex::default(),
             links: Mutex::default(),
+            removals,
         })
     }
 
@@ -252,6 +260,16 @@ impl PeerConnection {
                     status.message()
                 )))
             }
+            Ok(Err(status)) if is_removed_refusal(&status) => {
+                if let Some(removals) = &self.peers.removals {
+                    removals.refused_by_peer(self.target);
+                }
+                return Err(network(format!(
+                    "{method} to {:x}: {}",
+                    self.target,
+                    status.message()
+                )));
+            }
             Ok(Err(status)) => {
                 return Err(network(format!(
                     "{method} to {:x}: {}",
@@ -300,6 +318,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.call("vote", &rpc, &option).await
     }
+}
+
+/// The refusal of a call from a removed member (etcd's peers answer 410 Gone).
+pub fn removed_refusal() -> Status {
+    Status::not_found(super::REMOVED_MESSAGE)
+}
+
+fn is_removed_refusal(status: &Status) -> bool {
+    status.code() == tonic::Code::NotFound && status.message() == super::REMOVED_MESSAGE
 }
 
 /// Checks that a peer call comes from this member's cluster.

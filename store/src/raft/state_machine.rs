@@ -19,7 +19,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode, encode, io_error, Entry, LogId, Response, StorageError, StoredMembership, TypeConfig,
+    decode, encode, io_error, Entry, LogId, Removals, Response, StorageError, StoredMembership,
+    TypeConfig,
 };
 use crate::mvcc::Mvcc;
 use crate::pb::kvstorepb::RaftBatchResponse;
@@ -32,6 +33,7 @@ const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSNAP01";
 /// Meta records that are part of the replicated state, besides leases.
 const REPLICATED_META: &[&[u8]] = &[
     meta_key::MEMBER_ATTRIBUTES_PREFIX,
+    meta_key::REMOVED_MEMBER_PREFIX,
     meta_key::ALARM_PREFIX,
     meta_key::AUTH_PREFIX,
 ];
@@ -71,6 +73,7 @@ struct StreamHeader {
 struct Shared {
     mvcc: Arc<Mvcc>,
     applied: Mutex<(Option<LogId>, StoredMembership)>,
+    removals: Arc<Removals>,
     snapshot_dir: PathBuf,
     snapshot_sequence: AtomicU64,
     /// Client requests applied since the last snapshot, for `--snapshot-count`.
@@ -138,9 +141,13 @@ fn snapshot_error<E: std::error::Error + 'static>(verb: ErrorVerb, error: &E) ->
 }
 
 impl StateMachine {
-    /// Opens the state machine over `mvcc`, reading the applied state it recorded.
-    /// Snapshot checkpoints live under `snapshot_dir`.
-    pub fn open(mvcc: Arc<Mvcc>, snapshot_dir: PathBuf) -> Result<StateMachine, StorageError> {
+    /// Opens the state machine of member `own` over `mvcc`, reading the applied
+    /// state it recorded. Snapshot checkpoints live under `snapshot_dir`.
+    pub fn open(
+        mvcc: Arc<Mvcc>,
+        snapshot_dir: PathBuf,
+        own: u64,
+    ) -> Result<StateMachine, StorageError> {
         let storage = mvcc.storage().clone();
         let read = |key: &[u8]| {
             storage
@@ -155,6 +162,7 @@ impl StateMachine {
             Some(bytes) => decode(&bytes, ErrorSubject::StateMachine)?,
             None => StoredMembership::default(),
         };
+        let removals = Removals::new(own, removed_members(&storage)?);
         std::fs::create_dir_all(&snapshot_dir).map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
         // Only the current checkpoint outlives the process. Anything else here was
         // left by a crash: a checkpoint being built, an older one kept for a reader,
@@ -177,6 +185,7 @@ impl StateMachine {
             shared: Arc::new(Shared {
                 mvcc,
                 applied: Mutex::new((last_applied, membership)),
+                removals,
                 snapshot_dir,
                 // Starts from the clock so names never repeat across restarts.
                 snapshot_sequence: AtomicU64::new(
@@ -188,6 +197,11 @@ impl StateMachine {
                 readers: Mutex::default(),
             }),
         })
+    }
+
+    /// The members the applied log removed.
+    pub fn removals(&self) -> Arc<Removals> {
+        self.shared.removals.clone()
     }
 
     /// The MVCC store this state machine applies to.
@@ -321,6 +335,17 @@ impl StateMachine {
         }
         Ok(meta)
     }
+}
+
+/// The members the applied log removed, as `storage` recorded them.
+fn removed_members(storage: &Storage) -> Result<Vec<u64>, StorageError> {
+    let records = storage
+        .meta_with_prefix(meta_key::REMOVED_MEMBER_PREFIX)
+        .map_err(|e| sm_error(ErrorVerb::Read, &e))?;
+    Ok(records
+        .iter()
+        .filter_map(|(id, _)| Some(u64::from_be_bytes(id.as_slice().try_into().ok()?)))
+        .collect())
 }
 
 fn record_applied(
@@ -595,6 +620,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let (mut last_applied, mut membership) = self.shared.applied.lock().clone();
         let mut responses = Vec::new();
         let mut requests = 0;
+        let mut removed = Vec::new();
         for entry in entries {
             last_applied = Some(*entry.get_log_id());
             let mut results = Vec::new();
@@ -608,6 +634,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     requests += batch.0.requests.len() as u64;
                 }
                 EntryPayload::Membership(config) => {
+                    let gone = membership
+                        .membership()
+                        .nodes()
+                        .map(|(id, _)| *id)
+                        .filter(|id| config.get_node(id).is_none());
+                    for id in gone {
+                        let cf = mvcc.storage().cf(CF_META);
+                        writer.batch().put_cf(cf, meta_key::removed_member(id), []);
+                        removed.push(id);
+                    }
                     membership = StoredMembership::new(last_applied, config.clone());
                 }
             }
@@ -626,6 +662,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             tracing::warn!(took = ?took, requests, "apply request took too long");
         }
         *self.shared.applied.lock() = (last_applied, membership);
+        self.shared.removals.record(removed);
         self.shared
             .requests_since_snapshot
             .fetch_add(requests, Ordering::Relaxed);
@@ -704,6 +741,9 @@ impl StateMachine {
         mvcc.replace(batch)
             .map_err(|e| sm_error(ErrorVerb::Write, &e))?;
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
+        self.shared
+            .removals
+            .record(removed_members(mvcc.storage())?);
         tracing::info!(snapshot_id = %meta.snapshot_id, revision = current_revision, "installed snapshot from the leader");
         self.publish(self.take_checkpoint(Some(meta))?).map(|_| ())
     }
@@ -744,7 +784,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("temp dir");
             let storage = Storage::open(&dir.path().join("member")).expect("open storage");
             let mvcc = Mvcc::open(storage.clone()).expect("open mvcc");
-            let state_machine = StateMachine::open(mvcc, dir.path().join("snap"))?;
+            let state_machine = StateMachine::open(mvcc, dir.path().join("snap"), 1)?;
             let log = match self.0 {
                 Some(limit) => LogStore::with_inline_limit(storage, limit),
                 None => LogStore::open(storage),
@@ -861,7 +901,8 @@ mod tests {
         std::fs::create_dir(snap.join("export-2")).unwrap();
         std::fs::write(snap.join("export-2.stream"), b"x").unwrap();
         std::fs::write(snap.join("sending-3"), b"x").unwrap();
-        let mut reopened = StateMachine::open(state_machine.mvcc().clone(), snap.clone()).unwrap();
+        let mut reopened =
+            StateMachine::open(state_machine.mvcc().clone(), snap.clone(), 1).unwrap();
         let left: Vec<String> = std::fs::read_dir(&snap)
             .unwrap()
             .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())

@@ -78,6 +78,10 @@ pub mod meta_key {
     /// follows, an encoded `kvstorepb.MemberAttributes` is the value.
     pub const MEMBER_ATTRIBUTES_PREFIX: &[u8] = b"member_attr/";
 
+    /// Prefix of members removed from the cluster (etcd's removed set): the member
+    /// ID (8 bytes big-endian) follows; the value is empty.
+    pub const REMOVED_MEMBER_PREFIX: &[u8] = b"removed_member/";
+
     /// Prefix of raised alarms: member ID (8 bytes big-endian) and alarm type (4
     /// bytes big-endian) follow; the value is empty.
     pub const ALARM_PREFIX: &[u8] = b"alarm/";
@@ -98,6 +102,13 @@ pub mod meta_key {
     /// The key of member `id`'s attributes.
     pub fn member_attributes(id: u64) -> Vec<u8> {
         let mut key = MEMBER_ATTRIBUTES_PREFIX.to_vec();
+        key.extend_from_slice(&id.to_be_bytes());
+        key
+    }
+
+    /// The key recording that member `id` was removed.
+    pub fn removed_member(id: u64) -> Vec<u8> {
+        let mut key = REMOVED_MEMBER_PREFIX.to_vec();
         key.extend_from_slice(&id.to_be_bytes());
         key
     }
