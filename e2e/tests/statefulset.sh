@@ -11,36 +11,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 KUBE=$HERE/../kube
 TAG=${1:?usage: statefulset.sh IMAGE_TAG}
 NS=e2e-sts-$$
-passed=0
-failed=0
-
-k() { "$KUBE" exec kubectl -n "$NS" "$@"; }
-etcdctl_at() { local endpoint=$1; shift; "$KUBE" exec etcdctl --dial-timeout=3s --command-timeout=5s --endpoints="$endpoint" "$@"; }
+NAME=statefulset
+# shellcheck source=../lib.sh
+. "$HERE/../lib.sh"
 pod_endpoint() { echo "$1.kv-peer.$NS.svc.cluster.local:2379"; }
-
-pass() { passed=$((passed + 1)); echo "ok: $*"; }
-fail() { failed=$((failed + 1)); echo "FAILED: $*"; }
-check() { # description command...
-  local what=$1; shift
-  if "$@"; then pass "$what"; else fail "$what"; fi
-}
-# Retries shell code (evaluated afresh each time) for up to `seconds`.
-eventually() { # seconds code
-  local seconds=$1 code=$2
-  local deadline=$((SECONDS + seconds))
-  until eval "$code" > /dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || return 1
-    sleep 1
-  done
-}
-finish() {
-  echo "statefulset: $passed passed, $failed failed"
-  [ "$failed" = 0 ]
-}
-
-all_ready() { # count
-  [ "$(k get pods -l app.kubernetes.io/instance=kv -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -cx True)" = "$1" ]
-}
+all_ready() { [ "$(ready_pods kv)" = "$1" ]; }
 nodes_of_pods() { k get pods -l app.kubernetes.io/instance=kv -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' | sort -u | wc -l; }
 started_members() { etcdctl_at "$client" member list | grep -c ', started, '; }
 restarts_of() { k get pod "$1" -o jsonpath='{.status.containerStatuses[0].restartCount}'; }
@@ -61,19 +36,9 @@ for pod in kv-0 kv-1 kv-2; do
   check "get through $pod's DNS name" test "$(etcdctl_at "$(pod_endpoint "$pod")" get /e2e/first --print-value-only)" = one
 done
 
-# A writer through the client Service for the rest of the test; it records each put
-# that was acknowledged, and every one must be there at the end.
-acked=$(mktemp)
-stop_writer=$(mktemp -u)
-writer() {
-  local n=0
-  while [ ! -e "$stop_writer" ]; do
-    n=$((n + 1))
-    if etcdctl_at "$client" put "/e2e/acked/$n" "$n" > /dev/null 2>&1; then echo "$n" >> "$acked"; fi
-    sleep 0.05
-  done
-}
-writer &
+# A writer through the client Service for the rest of the test; every put it
+# had acknowledged must be there at the end.
+writer "$client" &
 writer_pid=$!
 
 # 3. A deleted Pod comes back on its volume and rejoins with every key.
@@ -109,14 +74,6 @@ check "$follower has caught up with the writes made while it was down" \
   eventually 60 '[ "$(etcdctl_at "$(pod_endpoint "$follower")" get "/e2e/acked/$after" --print-value-only --consistency=s)" = "$after" ]'
 
 # 6. Every acknowledged write is there.
-touch "$stop_writer"
-wait "$writer_pid" || true
-rm -f "$stop_writer"
-total=$(wc -l < "$acked")
-stored=$(etcdctl_at "$client" get /e2e/acked/ --prefix --keys-only | grep '^/e2e/acked/' | sed 's|/e2e/acked/||' | sort || true)
-present=$(echo "$stored" | grep -c . || true)
-missing=$(comm -13 <(echo "$stored") <(sort "$acked") | wc -l)
-check "all $total acknowledged writes are present ($present keys, $missing missing)" test "$missing" = 0 -a "$total" -gt 0
-rm -f "$acked"
+check_acknowledged "$writer_pid" "$client"
 
 finish
