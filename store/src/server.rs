@@ -602,7 +602,9 @@ impl EtcdServer {
         let found = match (fresh, &config.discovery, &config.discovery_srv) {
             (true, Some(url), _) => {
                 let peer_urls = config.initial_advertise_peer_urls.strings();
-                let member_id = crate::ids::member_id(&peer_urls, &config.initial_cluster_token);
+                // As etcd: with a discovery URL, the URL is the cluster token that
+                // member and cluster IDs derive from.
+                let member_id = crate::ids::member_id(&peer_urls, url);
                 Some(
                     crate::discovery::join(url, member_id, &config.name, &peer_urls)
                         .await
@@ -624,6 +626,9 @@ impl EtcdServer {
             let cluster = found.map_err(Error::Bootstrap)?;
             tracing::info!(initial_cluster = %cluster, "found the initial cluster");
             discovered = config.clone();
+            if let Some(url) = &config.discovery {
+                discovered.initial_cluster_token = url.clone();
+            }
             discovered.discovery = None;
             discovered.discovery_srv = None;
             discovered.initial_cluster = Some(cluster);

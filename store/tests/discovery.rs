@@ -113,3 +113,77 @@ fn three_members_bootstrap_through_etcd_discovery() {
         cluster.members[2].log_text()
     );
 }
+
+/// Member IDs and the cluster ID of three members bootstrapped through the
+/// discovery URL `url`, whose registry (in `backing`'s v2 store) is made afresh.
+fn ids_through_discovery(
+    backing: &Server,
+    url: &str,
+    mut cluster: Cluster,
+) -> (Vec<String>, String) {
+    let registry = url
+        .strip_prefix(&backing.url())
+        .expect("the registry is on the backing etcd")
+        .to_string();
+    let curl = |args: &[&str]| {
+        let status = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null"])
+            .args(args)
+            .status()
+            .expect("curl");
+        status.success()
+    };
+    // The registry of an earlier run goes, so the same URL can be used again.
+    curl(&[
+        "-X",
+        "DELETE",
+        &format!("{}{registry}?recursive=true", backing.url()),
+    ]);
+    assert!(curl(&[
+        "-X",
+        "PUT",
+        &format!("{url}/_config/size"),
+        "-d",
+        "value=3"
+    ]));
+    for index in 0..3 {
+        cluster.launch_with(index, &[format!("--discovery={url}")]);
+    }
+    cluster.wait_healthy(Duration::from_secs(30));
+    let list = cluster.etcdctl(0, &["member", "list", "-w", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("member list JSON");
+    let mut ids: Vec<String> = list["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| format!("{:x}", m["ID"].as_u64().expect("an ID")))
+        .collect();
+    ids.sort();
+    let cluster_id = format!(
+        "{:x}",
+        list["header"]["cluster_id"].as_u64().expect("a cluster ID")
+    );
+    cluster.terminate_all();
+    (ids, cluster_id)
+}
+
+/// As etcd does, kvstore takes the discovery URL (not --initial-cluster-token) as the
+/// token its member and cluster IDs derive from: the same URL and peer URLs give
+/// etcd's IDs.
+#[test]
+fn discovery_derives_the_ids_etcd_derives() {
+    let backing = Server::start_with(Kind::Etcd, &["--enable-v2"]);
+    let url = format!("{}/v2/keys/_etcd/registry/parity", backing.url());
+    let etcd = Cluster::unstarted(Kind::Etcd, 3, "ignored-by-discovery");
+    let mut kvstore = Cluster::unstarted(Kind::Kvstore, 3, "also-ignored");
+    for (ours, theirs) in kvstore.members.iter_mut().zip(&etcd.members) {
+        ours.client_port = theirs.client_port;
+        ours.peer_port = theirs.peer_port;
+    }
+    let expected = ids_through_discovery(&backing, &url, etcd);
+    let got = ids_through_discovery(&backing, &url, kvstore);
+    assert_eq!(
+        got, expected,
+        "kvstore's (member IDs, cluster ID) against etcd's"
+    );
+}
