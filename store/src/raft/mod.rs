@@ -88,11 +88,6 @@ impl Removals {
         let mut removed = self.own_removed.subscribe();
         let _ = removed.wait_for(|removed| *removed).await;
     }
-
-    /// Whether this member is known to be removed.
-    pub fn own_removed(&self) -> bool {
-        *self.own_removed.borrow()
-    }
 }
 
 /// A log entry's payload: a batch of client mutations, serialized as protobuf bytes.
